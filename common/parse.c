@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Parsing and formatting helpers: sizes, numbers, disk names, URL
+ * redaction, clocks and full-length I/O.  Pure functions, any thread.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "util.h"
+
+int parse_u64(const char *s, uint64_t *ret)
+{
+	uint64_t v = 0;
+
+	if (!s || !*s)
+		return -EINVAL;
+	for (const char *p = s; *p; p++) {
+		if (*p < '0' || *p > '9')
+			return -EINVAL;
+		unsigned d = (unsigned)(*p - '0');
+		if (v > (UINT64_MAX - d) / 10)
+			return -ERANGE;
+		v = v * 10 + d;
+	}
+	*ret = v;
+	return 0;
+}
+
+int parse_size(const char *s, uint64_t *ret)
+{
+	char digits[32];
+	size_t n = 0;
+	unsigned shift = 0;
+	uint64_t v;
+	int r;
+
+	if (!s)
+		return -EINVAL;
+	while (s[n] >= '0' && s[n] <= '9')
+		n++;
+	if (n == 0 || n >= sizeof(digits))
+		return n == 0 ? -EINVAL : -ERANGE;
+	memcpy(digits, s, n);
+	digits[n] = '\0';
+	const char *suf = s + n;
+	switch (*suf) {
+	case '\0':
+		break;
+	case 'k': case 'K': shift = 10; suf++; break;
+	case 'm': case 'M': shift = 20; suf++; break;
+	case 'g': case 'G': shift = 30; suf++; break;
+	case 't': case 'T': shift = 40; suf++; break;
+	case 'b': case 'B': break;
+	default:
+		return -EINVAL;
+	}
+	if (*suf && strcmp(suf, "B") && strcmp(suf, "b") &&
+	    (shift == 0 || strcmp(suf, "iB")))
+		return -EINVAL;
+	r = parse_u64(digits, &v);
+	if (r < 0)
+		return r;
+	if (shift && v > (UINT64_MAX >> shift))
+		return -ERANGE;
+	*ret = v << shift;
+	return 0;
+}
+
+bool disk_name_valid(const char *name)
+{
+	size_t n;
+
+	if (!name || !*name || name[0] == '.')
+		return false;
+	n = strlen(name);
+	if (n > DISK_NAME_MAX)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)name[i];
+		if (!isalnum(c) && c != '.' && c != '_' && c != '-')
+			return false;
+	}
+	return true;
+}
+
+char *url_redact(const char *url)
+{
+	const char *scheme_end, *auth, *auth_end, *at = NULL, *q;
+	size_t len;
+	char *out;
+
+	if (!url) {
+		errno = EINVAL;
+		return NULL;
+	}
+	scheme_end = strstr(url, "://");
+	auth = scheme_end ? scheme_end + 3 : url;
+	auth_end = auth + strcspn(auth, "/?#");
+	for (const char *p = auth; p < auth_end; p++)
+		if (*p == '@')
+			at = p;
+	q = strchr(auth, '?');
+	len = strlen(url) + sizeof("?<redacted>");
+	out = malloc(len);
+	if (!out)
+		return NULL;
+	size_t prefix = (size_t)(auth - url);
+	memcpy(out, url, prefix);
+	const char *rest = at ? at + 1 : auth;
+	size_t restlen = q ? (size_t)(q - rest) : strlen(rest);
+	/* A '#' fragment never reaches the server but may hold anything. */
+	const char *frag = memchr(rest, '#', restlen);
+	if (frag)
+		restlen = (size_t)(frag - rest);
+	memcpy(out + prefix, rest, restlen);
+	out[prefix + restlen] = '\0';
+	if (q)
+		strcat(out + prefix + restlen, "?<redacted>");
+	return out;
+}
+
+const char *format_bytes(char *buf, size_t bufsize, double bytes)
+{
+	static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+	unsigned u = 0;
+
+	while (bytes >= 1024.0 && u + 1 < sizeof(units) / sizeof(units[0])) {
+		bytes /= 1024.0;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, bufsize, "%.0f %s", bytes, units[u]);
+	else
+		snprintf(buf, bufsize, "%.1f %s", bytes, units[u]);
+	return buf;
+}
+
+int full_pread(int fd, void *buf, size_t len, uint64_t off)
+{
+	char *p = buf;
+
+	while (len > 0) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
+{
+	const char *p = buf;
+
+	while (len > 0) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+bool buf_is_zero(const void *p, size_t len)
+{
+	const unsigned char *b = p;
+
+	/* Check the head byte by byte, then compare the buffer with itself
+	 * shifted by 16 bytes: equal and head zero means all zero. */
+	if (len < 16) {
+		for (size_t i = 0; i < len; i++)
+			if (b[i])
+				return false;
+		return true;
+	}
+	for (size_t i = 0; i < 16; i++)
+		if (b[i])
+			return false;
+	return memcmp(b, b + 16, len - 16) == 0;
+}
+
+uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}

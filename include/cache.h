@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The local image of one disk: a sparse raw data file NAME.img and a
+ * metadata file NAME.meta (header + present-bitmap) in the image
+ * directory, the rules for filling chunks from a template through an
+ * injected source, writes, durability, and the background streamer.
+ *
+ * Threading: every cache_disk_* function may be called from any thread
+ * (FUSE workers, control handlers, streamer workers) unless it says
+ * otherwise.  Functions that fetch block the calling thread on the source;
+ * no cache lock is held while the source runs.  Statistics are atomic or
+ * copied under a short lock, so progress queries never wait for I/O.
+ *
+ * cache/ never sees HTTP or FUSE: the template is reached only through
+ * struct cache_source.
+ */
+#ifndef STREAMFS_CACHE_H
+#define STREAMFS_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CACHE_CHUNK_MIN (64u * 1024)
+#define CACHE_CHUNK_MAX (16u * 1024 * 1024)
+#define CACHE_CHUNK_DEFAULT (1u * 1024 * 1024)
+
+enum cache_prio {
+	CACHE_PRIO_DEMAND, /* a reader or writer waits for it */
+	CACHE_PRIO_STREAM, /* the background streamer */
+};
+
+/* What a source should know about one request. */
+struct cache_fetch_hint {
+	enum cache_prio prio;
+	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
+};
+
+/*
+ * How the cache reaches the template.  fetch_range fills buf with exactly
+ * len bytes at off, or returns -errno: -ESTALE when the template changed
+ * (permanent: the disk goes to state error), -ETIMEDOUT / -EHOSTUNREACH /
+ * -EAGAIN / -EIO for failures that were already retried as the source
+ * sees fit.  buf is borrowed for the call.  Called from any thread with no
+ * cache lock held.  get_counters may be NULL.
+ */
+struct cache_source {
+	int (*fetch_range)(void *opaque, void *buf, size_t len, uint64_t off,
+			   const struct cache_fetch_hint *hint);
+	/* bytes received from the template so far, network errors seen */
+	void (*get_counters)(void *opaque, uint64_t *ret_fetched, uint64_t *ret_errors);
+	/* the last error text of the source, "" when none; copies into buf */
+	void (*last_error)(void *opaque, char *buf, size_t bufsize);
+	void *opaque;
+};
+
+/* What is recorded at creation; strings are borrowed for the call. */
+struct cache_disk_params {
+	const char *url;           /* template URL, may carry credentials */
+	const char *etag;          /* validator or NULL */
+	const char *last_modified; /* validator or NULL */
+	const char *manifest_url;  /* NULL when none */
+	uint64_t size;             /* template size in bytes, > 0 */
+	uint32_t chunk_size;       /* power of two, CACHE_CHUNK_MIN..MAX */
+	uint64_t speed;            /* streaming limit in bytes/s, 0 = none */
+};
+
+enum cache_state {
+	CACHE_STATE_IDLE,
+	CACHE_STATE_STREAMING,
+	CACHE_STATE_PAUSED,
+	CACHE_STATE_COMPLETE,
+	CACHE_STATE_ERROR,
+};
+
+const char *cache_state_name(enum cache_state s);
+
+struct cache_disk_stats {
+	enum cache_state state;
+	uint64_t size;       /* bytes */
+	uint32_t chunk_size; /* bytes */
+	uint64_t chunks;     /* total */
+	uint64_t present;    /* chunks present */
+	uint64_t cached;     /* bytes present (the last chunk may be short) */
+	uint64_t position;   /* streamer's next offset, bytes */
+	uint64_t rate;       /* measured streaming rate, bytes/s */
+	uint64_t speed;      /* configured limit, bytes/s, 0 = none */
+	uint64_t fetched;    /* bytes received from the template */
+	uint64_t errors;     /* network errors seen */
+	uint64_t waiting;    /* demand reads now waiting on the source */
+	char error[256];     /* last error, "" when none */
+};
+
+struct cache_disk;
+
+/*
+ * Creates NAME.img (sparse, p->size bytes) and NAME.meta in dirfd.  Fails
+ * with -EEXIST when either exists, -EINVAL for bad parameters,
+ * -ENAMETOOLONG for overlong strings, or the -errno of the failing
+ * syscall; on failure nothing is left behind.  The metadata file is
+ * written to a temporary name, synced and renamed into place last, so a
+ * crash leaves no half-made disk.
+ */
+int cache_disk_create(int dirfd, const char *name, const struct cache_disk_params *p)
+	__attribute__((warn_unused_result));
+
+/*
+ * Opens an existing disk.  Returns 0 and *ret, or -ENOENT, -EBADMSG
+ * (bad magic, bad checksum, truncated, inconsistent with the image),
+ * -EPROTONOSUPPORT (unknown metadata version), or a syscall's -errno.
+ * ret_why (may be NULL) receives a short reason for failures.
+ * The caller owns *ret; free with cache_disk_free().  No network.
+ */
+int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *ret_why,
+		    size_t why_size) __attribute__((warn_unused_result));
+
+/*
+ * Stops the streamer, commits state (data, bitmap, header), releases
+ * everything.  Logs (does not return) a failed final commit.
+ * cache_disk_free(NULL) is a no-op.
+ */
+void cache_disk_free(struct cache_disk *d);
+
+/* Sets the source; src is copied.  Call before any read, write or stream. */
+void cache_disk_set_source(struct cache_disk *d, const struct cache_source *src);
+
+const char *cache_disk_name(const struct cache_disk *d);
+const char *cache_disk_url(const struct cache_disk *d);          /* raw, may hold credentials */
+const char *cache_disk_etag(const struct cache_disk *d);         /* "" when none */
+const char *cache_disk_last_modified(const struct cache_disk *d); /* "" when none */
+uint64_t cache_disk_size(const struct cache_disk *d);
+uint32_t cache_disk_chunk_size(const struct cache_disk *d);
+
+/* The local image's fd (O_RDWR), for zero-copy reads of present data. */
+int cache_disk_fd(const struct cache_disk *d);
+
+/*
+ * Makes [off, off+len) present, fetching absent chunks with priority
+ * DEMAND (runs of consecutive absent chunks in one request; chunks
+ * already in flight are waited for, never fetched twice).  Returns 0 or
+ * -errno (-EIO when the disk is in state error and data are absent).
+ * After 0, the bytes may be read from cache_disk_fd().
+ */
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
+	__attribute__((warn_unused_result));
+
+/*
+ * Writes len bytes at off into the local image.  Partially covered absent
+ * chunks are first filled from the template; wholly covered ones are not
+ * fetched.  Written chunks become present and are never overwritten by
+ * streamed data.  Returns 0 or -errno.  Durable only after
+ * cache_disk_sync().
+ */
+int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t off)
+	__attribute__((warn_unused_result));
+
+/*
+ * Makes all data written so far and the bitmap bits that cover them
+ * durable: fdatasync of the image, then the dirty bitmap pages, then
+ * fdatasync of the metadata.  Also records completion.  Returns 0 or
+ * -errno.
+ */
+int cache_disk_sync(struct cache_disk *d) __attribute__((warn_unused_result));
+
+/* Cheap check used by close(): true when cache_disk_sync has work to do. */
+bool cache_disk_dirty(struct cache_disk *d);
+
+/* Fills a consistent snapshot of the disk's progress. Never blocks on I/O. */
+void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret);
+
+/*
+ * SEEK_DATA / SEEK_HOLE over the disk: holes are reported only where they
+ * are known (present chunks that are holes in the local image).  Returns
+ * the offset or -ENXIO / -EINVAL.
+ */
+int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence);
+
+/* --- the streamer (cache/stream.c) --- */
+
+/*
+ * Starts or resumes streaming with up to depth chunks in flight.  Clears a
+ * retryable error (ENOSPC, network).  Returns 0, or -EALREADY when the
+ * disk is complete, -EIO when it is in a permanent error (template
+ * changed).
+ */
+int cache_disk_stream_start(struct cache_disk *d) __attribute__((warn_unused_result));
+
+/* Pauses streaming; chunks in flight finish. Returns 0 or -EALREADY (complete). */
+int cache_disk_stream_stop(struct cache_disk *d) __attribute__((warn_unused_result));
+
+/* Sets the speed limit in bytes/s (0 = none), at once, and persists it. */
+int cache_disk_stream_set_speed(struct cache_disk *d, uint64_t speed)
+	__attribute__((warn_unused_result));
+
+/* How many chunks the streamer keeps in flight; call before starting. */
+void cache_disk_stream_set_depth(struct cache_disk *d, unsigned depth);
+
+/*
+ * Streams exactly the chunk holding off (if absent) and writes to
+ * *ret_next the offset of the next absent chunk after it, or UINT64_MAX
+ * when there is none.  Returns 0, -EINVAL when off >= size, or the fetch's
+ * -errno.
+ */
+int cache_disk_stream_chunk(struct cache_disk *d, uint64_t off, uint64_t *ret_next)
+	__attribute__((warn_unused_result));
+
+#endif
