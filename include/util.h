@@ -50,7 +50,8 @@ int range_header_build(char *buf, size_t bufsize, uint64_t off, uint64_t len)
 
 /*
  * Parses a Content-Range header value such as "bytes 0-99/1000" or
- * "bytes */1000" (unsatisfied range; *ret_start = *ret_end = UINT64_MAX).
+ * the unsatisfied-range form "bytes *" "/1000" (written without the
+ * space; then *ret_start = *ret_end = UINT64_MAX).
  * A total of "*" (unknown) is rejected.  Leading/trailing whitespace is
  * allowed.  Returns 0 or -EINVAL; writes outputs only on success.
  */

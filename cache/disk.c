@@ -1,0 +1,718 @@
+// SPDX-License-Identifier: MIT
+/*
+ * One disk's local image: creation, opening, demand fills, writes,
+ * durability (commit of data then bitmap), statistics and SEEK_HOLE.
+ *
+ * Called from FUSE worker threads, control handlers and streamer threads.
+ * The source is called with no lock held; concurrent requests for the
+ * same absent chunk are merged through the inflight list, so each chunk is
+ * fetched once.  Crash ordering: data reach the image first; a bit reaches
+ * the metadata file only after fdatasync(image) in cache_disk_sync().
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/cleanup.h"
+#include "disk_i.h"
+#include "log.h"
+#include "util.h"
+
+/* At most this many bytes are fetched by one request of a demand read. */
+#define RUN_MAX_BYTES (8u * 1024 * 1024)
+
+const char *cache_state_name(enum cache_state s)
+{
+	switch (s) {
+	case CACHE_STATE_IDLE: return "idle";
+	case CACHE_STATE_STREAMING: return "streaming";
+	case CACHE_STATE_PAUSED: return "paused";
+	case CACHE_STATE_COMPLETE: return "complete";
+	case CACHE_STATE_ERROR: return "error";
+	}
+	return "?";
+}
+
+static int name_path(char *buf, size_t n, const char *name, const char *suffix)
+{
+	int r = snprintf(buf, n, "%s%s", name, suffix);
+
+	return r < 0 || (size_t)r >= n ? -ENAMETOOLONG : 0;
+}
+
+static bool chunk_size_ok(uint64_t cs)
+{
+	return cs >= CACHE_CHUNK_MIN && cs <= CACHE_CHUNK_MAX && !(cs & (cs - 1));
+}
+
+int cache_disk_create(int dirfd, const char *name, const struct cache_disk_params *p)
+{
+	char img[DISK_NAME_MAX + 16], meta[DISK_NAME_MAX + 16], tmp[DISK_NAME_MAX + 32];
+	uint8_t slot[META_SLOT_SIZE];
+	struct meta m = {0};
+	_cleanup_close_ int img_fd = -1;
+	_cleanup_close_ int meta_fd = -1;
+	int r;
+
+	if (!disk_name_valid(name) || !p || !p->url || p->size == 0 ||
+	    !chunk_size_ok(p->chunk_size))
+		return -EINVAL;
+	if (name_path(img, sizeof(img), name, ".img") < 0 ||
+	    name_path(meta, sizeof(meta), name, ".meta") < 0 ||
+	    snprintf(tmp, sizeof(tmp), ".%s.meta.tmp", name) >= (int)sizeof(tmp))
+		return -ENAMETOOLONG;
+
+	m.version = META_VERSION;
+	m.size = p->size;
+	m.chunk_size = p->chunk_size;
+	m.speed = p->speed;
+	m.url = (char *)p->url;
+	m.etag = (char *)(p->etag ? p->etag : "");
+	m.last_modified = (char *)(p->last_modified ? p->last_modified : "");
+	m.manifest_url = (char *)(p->manifest_url ? p->manifest_url : "");
+	r = meta_encode(&m, slot);
+	if (r < 0)
+		return r;
+
+	if (faccessat(dirfd, meta, F_OK, AT_SYMLINK_NOFOLLOW) == 0)
+		return -EEXIST;
+	img_fd = openat(dirfd, img, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (img_fd < 0)
+		return -errno;
+	if (ftruncate(img_fd, (off_t)p->size) < 0) {
+		r = -errno;
+		goto fail_img;
+	}
+	meta_fd = openat(dirfd, tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (meta_fd < 0) {
+		r = -errno;
+		goto fail_img;
+	}
+	uint64_t total = META_BITMAP_OFFSET + bitmap_bytes(meta_chunks(&m));
+	r = full_pwrite(meta_fd, slot, sizeof(slot), 0);
+	if (r >= 0 && ftruncate(meta_fd, (off_t)total) < 0)
+		r = -errno;
+	if (r >= 0 && (fsync(meta_fd) < 0 || fsync(img_fd) < 0))
+		r = -errno;
+	if (r >= 0 && renameat2(dirfd, tmp, dirfd, meta, RENAME_NOREPLACE) < 0)
+		r = -errno;
+	if (r < 0) {
+		unlinkat(dirfd, tmp, 0);
+		goto fail_img;
+	}
+	if (fsync(dirfd) < 0 && errno != EINVAL)
+		log_warn("cannot sync image directory after creating %s: %m", name);
+	return 0;
+
+fail_img:
+	unlinkat(dirfd, img, 0);
+	return r;
+}
+
+int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *why,
+		    size_t why_size)
+{
+	char img[DISK_NAME_MAX + 16], meta[DISK_NAME_MAX + 16];
+	char dummy[8];
+	struct stat st;
+	int r;
+
+	if (!why) {
+		why = dummy;
+		why_size = sizeof(dummy);
+	}
+	why[0] = '\0';
+	if (!disk_name_valid(name)) {
+		snprintf(why, why_size, "invalid disk name");
+		return -EINVAL;
+	}
+	if (name_path(img, sizeof(img), name, ".img") < 0 ||
+	    name_path(meta, sizeof(meta), name, ".meta") < 0)
+		return -ENAMETOOLONG;
+
+	struct cache_disk *d = calloc(1, sizeof(*d));
+	if (!d)
+		return -ENOMEM;
+	d->img_fd = d->meta_fd = -1;
+	d->name = strdup(name);
+	if (!d->name) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	d->meta_fd = openat(dirfd, meta, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+	if (d->meta_fd < 0) {
+		r = -errno;
+		snprintf(why, why_size, "cannot open %s: %s", meta, strerror(-r));
+		goto fail;
+	}
+	r = meta_load(d->meta_fd, &d->meta, &d->present, why, why_size);
+	if (r < 0)
+		goto fail;
+	d->img_fd = openat(dirfd, img, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+	if (d->img_fd < 0) {
+		r = -errno;
+		snprintf(why, why_size, "cannot open local image %s: %s", img, strerror(-r));
+		goto fail;
+	}
+	if (fstat(d->img_fd, &st) < 0) {
+		r = -errno;
+		goto fail;
+	}
+	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != d->meta.size) {
+		snprintf(why, why_size, "local image %s is %lld bytes, metadata says %" PRIu64,
+			 img, (long long)st.st_size, d->meta.size);
+		r = -EBADMSG;
+		goto fail;
+	}
+	d->chunk_size = d->meta.chunk_size;
+	d->chunk_shift = (unsigned)__builtin_ctz(d->chunk_size);
+	d->nchunks = meta_chunks(&d->meta);
+	r = bitmap_init(&d->dirty, DIV_ROUND_UP(d->nchunks, DIRTY_PAGE_CHUNKS));
+	if (r < 0)
+		goto fail;
+	pthread_mutex_init(&d->lock, NULL);
+	pthread_mutex_init(&d->commit_lock, NULL);
+	pthread_cond_init(&d->fill_cond, NULL);
+	stream_init(d);
+	*ret = d;
+	return 0;
+
+fail:
+	bitmap_destroy(&d->present);
+	meta_clear(&d->meta);
+	if (d->img_fd >= 0)
+		close(d->img_fd);
+	if (d->meta_fd >= 0)
+		close(d->meta_fd);
+	free(d->name);
+	free(d);
+	return r;
+}
+
+void cache_disk_free(struct cache_disk *d)
+{
+	int r;
+
+	if (!d)
+		return;
+	stream_destroy(d);
+	r = cache_disk_sync(d);
+	if (r < 0)
+		log_err("cannot save state of disk %s: %s", d->name, strerror(-r));
+	if (d->inflight)
+		log_err("disk %s freed with fills in flight", d->name);
+	pthread_cond_destroy(&d->fill_cond);
+	pthread_mutex_destroy(&d->commit_lock);
+	pthread_mutex_destroy(&d->lock);
+	bitmap_destroy(&d->present);
+	bitmap_destroy(&d->dirty);
+	meta_clear(&d->meta);
+	close(d->img_fd);
+	close(d->meta_fd);
+	free(d->name);
+	free(d);
+}
+
+void cache_disk_set_source(struct cache_disk *d, const struct cache_source *src)
+{
+	d->src = *src;
+}
+
+const char *cache_disk_name(const struct cache_disk *d) { return d->name; }
+const char *cache_disk_url(const struct cache_disk *d) { return d->meta.url; }
+const char *cache_disk_etag(const struct cache_disk *d) { return d->meta.etag; }
+const char *cache_disk_last_modified(const struct cache_disk *d) { return d->meta.last_modified; }
+uint64_t cache_disk_size(const struct cache_disk *d) { return d->meta.size; }
+uint32_t cache_disk_chunk_size(const struct cache_disk *d) { return d->chunk_size; }
+int cache_disk_fd(const struct cache_disk *d) { return d->img_fd; }
+
+uint64_t disk_chunk_len(const struct cache_disk *d, uint64_t idx)
+{
+	uint64_t start = idx << d->chunk_shift;
+
+	return MIN((uint64_t)d->chunk_size, d->meta.size - start);
+}
+
+void disk_set_error(struct cache_disk *d, const char *fmt, ...)
+{
+	char buf[sizeof(d->error)];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	LOCK_GUARD(&d->lock);
+	memcpy(d->error, buf, sizeof(buf));
+}
+
+int64_t disk_next_absent(struct cache_disk *d, uint64_t from)
+{
+	LOCK_GUARD(&d->lock);
+	return bitmap_next_clear(&d->present, from);
+}
+
+static struct inflight *inflight_find_locked(struct cache_disk *d, uint64_t idx)
+{
+	for (struct inflight *f = d->inflight; f; f = f->next)
+		if (f->idx == idx)
+			return f;
+	return NULL;
+}
+
+/* Claims chunk idx for this thread; caller has checked it is absent and free. */
+static struct inflight *inflight_claim_locked(struct cache_disk *d, uint64_t idx)
+{
+	struct inflight *f = calloc(1, sizeof(*f));
+
+	if (!f)
+		return NULL;
+	f->idx = idx;
+	f->refs = 1;
+	f->next = d->inflight;
+	d->inflight = f;
+	return f;
+}
+
+static void inflight_unref_locked(struct inflight *f)
+{
+	if (--f->refs == 0)
+		free(f);
+}
+
+/*
+ * Finishes the owner's claim: on success marks the chunk present and its
+ * bitmap page dirty.  Unlinks the entry so that after a failure the next
+ * caller may try again, and wakes every waiter.
+ */
+static void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result)
+{
+	if (result >= 0) {
+		bitmap_set(&d->present, f->idx);
+		bitmap_set(&d->dirty, f->idx / DIRTY_PAGE_CHUNKS);
+	}
+	for (struct inflight **pp = &d->inflight; *pp; pp = &(*pp)->next) {
+		if (*pp == f) {
+			*pp = f->next;
+			break;
+		}
+	}
+	f->done = true;
+	f->result = result;
+	pthread_cond_broadcast(&d->fill_cond);
+	inflight_unref_locked(f);
+}
+
+/* Waits for another thread's fill of f; returns its result. */
+static int inflight_wait_locked(struct cache_disk *d, struct inflight *f)
+{
+	while (!f->done)
+		pthread_cond_wait(&d->fill_cond, &d->lock);
+	int r = f->result;
+	inflight_unref_locked(f);
+	return r;
+}
+
+/*
+ * Stores one fetched chunk in the image.  An all-zero chunk becomes a hole:
+ * cheaper, keeps the image sparse, and, unlike skipping the write,
+ * replaces whatever an interrupted earlier write left there.
+ */
+static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
+{
+	uint64_t off = idx << d->chunk_shift;
+	uint64_t len = disk_chunk_len(d, idx);
+
+	atomic_fetch_add(&d->writes_since_sync, 1);
+	if (buf_is_zero(buf, len)) {
+		if (fallocate(d->img_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+			      (off_t)len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP && errno != ENOSYS)
+			return -errno;
+	}
+	return full_pwrite(d->img_fd, buf, len, off);
+}
+
+/* Classifies a failure and records it for user.streamfs.error. */
+static void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
+			    bool local)
+{
+	char src_err[160] = "";
+
+	if (local) {
+		disk_set_error(d, "cannot write local image: %s", strerror(-r));
+		LOCK_GUARD(&d->lock);
+		d->local_error = true;
+		return;
+	}
+	if (d->src.last_error)
+		d->src.last_error(d->src.opaque, src_err, sizeof(src_err));
+	if (r == -ESTALE) {
+		disk_set_error(d, "template changed since the disk was added: %s",
+			       src_err[0] ? src_err : "validator differs");
+		LOCK_GUARD(&d->lock);
+		if (!d->failed)
+			log_err("disk %s: template changed; absent data now fail with EIO", d->name);
+		d->failed = true;
+		return;
+	}
+	disk_set_error(d, "cannot fetch chunks %" PRIu64 "-%" PRIu64 ": %s", first, last,
+		       src_err[0] ? src_err : strerror(-r));
+}
+
+/* Fetches chunks [a, b], all claimed by the caller, and finishes the claims. */
+static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
+		    const struct cache_fetch_hint *hint)
+{
+	uint64_t off = a << d->chunk_shift;
+	uint64_t len = ((b - a) << d->chunk_shift) + disk_chunk_len(d, b);
+	bool local = false;
+	void *buf = NULL;
+	int r;
+
+	if (!d->src.fetch_range) {
+		r = -EIO;
+	} else if (posix_memalign(&buf, 4096, len)) {
+		r = -ENOMEM;
+	} else {
+		if (hint->prio == CACHE_PRIO_DEMAND)
+			atomic_fetch_add(&d->waiting, 1);
+		r = d->src.fetch_range(d->src.opaque, buf, len, off, hint);
+		if (hint->prio == CACHE_PRIO_DEMAND)
+			atomic_fetch_sub(&d->waiting, 1);
+		for (uint64_t i = a; r >= 0 && i <= b; i++) {
+			r = store_chunk(d, i, (char *)buf + ((i - a) << d->chunk_shift));
+			local = r < 0;
+		}
+		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
+			stream_account(d, len);
+	}
+	free(buf);
+	if (r < 0)
+		note_fill_error(d, a, b, r, local);
+
+	LOCK_GUARD(&d->lock);
+	for (uint64_t i = a; i <= b; i++)
+		inflight_finish_locked(d, claims[i - a], r);
+	return r;
+}
+
+int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
+		       const struct cache_fetch_hint *hint)
+{
+	uint64_t max_claim = MAX(1u, RUN_MAX_BYTES >> d->chunk_shift);
+	struct inflight *claims[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
+	int r;
+
+	if (last >= d->nchunks)
+		return -EINVAL;
+	for (;;) {
+		struct inflight *wait_for = NULL;
+		uint64_t a = 0, n = 0;
+
+		pthread_mutex_lock(&d->lock);
+		int64_t next = bitmap_next_clear(&d->present, first);
+		if (next < 0 || (uint64_t)next > last) {
+			pthread_mutex_unlock(&d->lock);
+			return 0;
+		}
+		if (d->failed) {
+			pthread_mutex_unlock(&d->lock);
+			return -EIO;
+		}
+		/* Claim the first run of consecutive absent chunks nobody is
+		 * fetching; remember the first chunk someone else is fetching. */
+		for (uint64_t i = (uint64_t)next; i <= last; i++) {
+			if (bitmap_get(&d->present, i)) {
+				if (n)
+					break;
+				continue;
+			}
+			struct inflight *f = inflight_find_locked(d, i);
+			if (f) {
+				if (!wait_for) {
+					wait_for = f;
+					f->refs++;
+				}
+				if (n)
+					break;
+				continue;
+			}
+			if (n == 0)
+				a = i;
+			claims[n] = inflight_claim_locked(d, i);
+			if (!claims[n])
+				break;
+			if (++n == max_claim)
+				break;
+		}
+		pthread_mutex_unlock(&d->lock);
+
+		r = 0;
+		if (n)
+			r = fill_run(d, claims, a, a + n - 1, hint);
+		else if (!wait_for)
+			return -ENOMEM; /* could not claim: calloc failed */
+		if (wait_for) {
+			pthread_mutex_lock(&d->lock);
+			int w = inflight_wait_locked(d, wait_for);
+			pthread_mutex_unlock(&d->lock);
+			if (r >= 0)
+				r = w;
+		}
+		if (r < 0)
+			return r;
+	}
+}
+
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
+{
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
+	uint64_t size = d->meta.size;
+
+	if (len == 0 || off >= size)
+		return 0;
+	if (len > size - off)
+		len = (size_t)(size - off);
+	return disk_ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift,
+				  &hint);
+}
+
+/* True when [off, off+len) covers every byte of chunk idx. */
+static bool covers_chunk(const struct cache_disk *d, uint64_t idx, uint64_t off, uint64_t len)
+{
+	uint64_t start = idx << d->chunk_shift;
+
+	return off <= start && off + len >= start + disk_chunk_len(d, idx);
+}
+
+int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t off)
+{
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
+	uint64_t size = d->meta.size;
+	int r;
+
+	if (len == 0)
+		return 0;
+	if (off >= size)
+		return -ENOSPC;
+	if (len > size - off)
+		len = (size_t)(size - off);
+	uint64_t first = off >> d->chunk_shift, last = (off + len - 1) >> d->chunk_shift;
+
+	/* Partially covered absent edges are filled from the template first
+	 * (ascending order, like every claim, so claimers never deadlock). */
+	bool first_whole = covers_chunk(d, first, off, len);
+	bool last_whole = covers_chunk(d, last, off, len);
+	if (!first_whole) {
+		r = disk_ensure_chunks(d, first, first, &hint);
+		if (r < 0)
+			return r;
+	}
+
+	/* Wholly covered absent chunks need no fetch: claim them so no fill
+	 * overwrites them, write, and mark them present. */
+	uint64_t mid_first = first + (first_whole ? 0 : 1);
+	uint64_t mid_end = last + (last_whole ? 1 : 0); /* exclusive */
+	size_t nmid = mid_end > mid_first ? (size_t)(mid_end - mid_first) : 0;
+	_cleanup_free_ struct inflight **claims = calloc(nmid ? nmid : 1, sizeof(*claims));
+	if (!claims)
+		return -ENOMEM;
+	for (size_t k = 0; k < nmid;) {
+		uint64_t i = mid_first + k;
+		pthread_mutex_lock(&d->lock);
+		if (bitmap_get(&d->present, i)) {
+			k++;
+		} else {
+			struct inflight *f = inflight_find_locked(d, i);
+			if (f) {
+				f->refs++;
+				(void)inflight_wait_locked(d, f); /* absent after a failure: claim next pass */
+			} else {
+				claims[k] = inflight_claim_locked(d, i);
+				if (!claims[k]) {
+					pthread_mutex_unlock(&d->lock);
+					r = -ENOMEM;
+					goto finish;
+				}
+				k++;
+			}
+		}
+		pthread_mutex_unlock(&d->lock);
+	}
+	if (last != first && !last_whole) {
+		r = disk_ensure_chunks(d, last, last, &hint);
+		if (r < 0)
+			goto finish;
+	}
+	atomic_fetch_add(&d->writes_since_sync, 1);
+	r = full_pwrite(d->img_fd, buf, len, off);
+	if (r < 0)
+		note_fill_error(d, first, last, r, true);
+
+finish:
+	pthread_mutex_lock(&d->lock);
+	for (size_t k = 0; k < nmid; k++)
+		if (claims[k])
+			inflight_finish_locked(d, claims[k], r);
+	pthread_mutex_unlock(&d->lock);
+	return r < 0 ? r : (int)len;
+}
+
+bool cache_disk_dirty(struct cache_disk *d)
+{
+	if (atomic_load(&d->writes_since_sync))
+		return true;
+	LOCK_GUARD(&d->lock);
+	return d->dirty.count > 0;
+}
+
+int cache_disk_sync(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->commit_lock);
+	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
+	uint64_t writes = atomic_load(&d->writes_since_sync);
+	_cleanup_free_ uint8_t *copy = NULL;
+	_cleanup_free_ uint64_t *pages = NULL;
+	uint64_t ndirty = 0;
+	bool all_present;
+	int r = 0;
+
+	pthread_mutex_lock(&d->lock);
+	all_present = d->present.count == d->nchunks;
+	if (d->dirty.count) {
+		copy = malloc(d->dirty.count * DIRTY_PAGE_BYTES);
+		pages = malloc(d->dirty.count * sizeof(*pages));
+		if (!copy || !pages) {
+			pthread_mutex_unlock(&d->lock);
+			return -ENOMEM;
+		}
+		for (int64_t p = bitmap_next_set(&d->dirty, 0); p >= 0;
+		     p = bitmap_next_set(&d->dirty, (uint64_t)p + 1)) {
+			uint64_t start = (uint64_t)p * DIRTY_PAGE_BYTES;
+			uint64_t n = MIN((uint64_t)DIRTY_PAGE_BYTES, bm_bytes - start);
+			memcpy(copy + ndirty * DIRTY_PAGE_BYTES, d->present.bits + start, n);
+			pages[ndirty++] = (uint64_t)p;
+			bitmap_clear(&d->dirty, (uint64_t)p);
+		}
+	}
+	pthread_mutex_unlock(&d->lock);
+
+	/* Data first: every bit in the copy was set after its chunk's write
+	 * returned, so this fdatasync makes all of them true on disk. */
+	if (writes || ndirty) {
+		if (fdatasync(d->img_fd) < 0)
+			r = -errno;
+		else
+			atomic_fetch_sub(&d->writes_since_sync, writes);
+	}
+	for (uint64_t k = 0; r >= 0 && k < ndirty; k++) {
+		uint64_t start = pages[k] * DIRTY_PAGE_BYTES;
+		r = full_pwrite(d->meta_fd, copy + k * DIRTY_PAGE_BYTES,
+				MIN((uint64_t)DIRTY_PAGE_BYTES, bm_bytes - start),
+				META_BITMAP_OFFSET + start);
+	}
+	if (r >= 0 && ndirty && fdatasync(d->meta_fd) < 0)
+		r = -errno;
+	if (r < 0) {
+		/* Keep the pages dirty so the next commit writes them again. */
+		LOCK_GUARD(&d->lock);
+		for (uint64_t k = 0; k < ndirty; k++)
+			bitmap_set(&d->dirty, pages[k]);
+		return r;
+	}
+	if (all_present && !(d->meta.flags & META_FLAG_COMPLETE)) {
+		d->meta.flags |= META_FLAG_COMPLETE;
+		r = meta_store_header(d->meta_fd, &d->meta);
+		if (r < 0)
+			d->meta.flags &= ~META_FLAG_COMPLETE;
+		else
+			log_notice("disk %s is complete: it needs its template no more", d->name);
+	}
+	return r;
+}
+
+void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret)
+{
+	struct cache_disk_stats s = {0};
+	enum stream_mode mode;
+	bool failed, local_error;
+
+	stream_snapshot(d, &mode, &s.position);
+	pthread_mutex_lock(&d->lock);
+	s.present = d->present.count;
+	failed = d->failed;
+	local_error = d->local_error;
+	memcpy(s.error, d->error, sizeof(s.error));
+	bool last_present = d->nchunks && bitmap_get(&d->present, d->nchunks - 1);
+	pthread_mutex_unlock(&d->lock);
+
+	s.size = d->meta.size;
+	s.chunk_size = d->chunk_size;
+	s.chunks = d->nchunks;
+	s.cached = s.present << d->chunk_shift;
+	if (last_present)
+		s.cached -= (uint64_t)d->chunk_size - disk_chunk_len(d, d->nchunks - 1);
+	if (s.position > s.size)
+		s.position = s.size;
+	s.rate = stream_rate(d);
+	s.speed = ratelimit_get(&d->st.rl);
+	s.waiting = atomic_load(&d->waiting);
+	if (d->src.get_counters)
+		d->src.get_counters(d->src.opaque, &s.fetched, &s.errors);
+	if (s.present == s.chunks)
+		s.state = CACHE_STATE_COMPLETE;
+	else if (failed || local_error)
+		s.state = CACHE_STATE_ERROR;
+	else if (mode == STREAM_RUNNING)
+		s.state = CACHE_STATE_STREAMING;
+	else if (mode == STREAM_PAUSED)
+		s.state = CACHE_STATE_PAUSED;
+	else
+		s.state = CACHE_STATE_IDLE;
+	if (s.state == CACHE_STATE_COMPLETE) {
+		s.rate = 0;
+		s.position = s.size;
+	}
+	*ret = s;
+}
+
+int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence)
+{
+	uint64_t size = d->meta.size;
+
+	if (off >= size)
+		return -ENXIO;
+	LOCK_GUARD(&d->lock);
+	if (whence == SEEK_DATA) {
+		/* Absent chunks count as data (unknown); present ones are data
+		 * where the image has data. */
+		int64_t absent = bitmap_next_clear(&d->present, off >> d->chunk_shift);
+		uint64_t a = absent < 0 ? size : MAX(off, (uint64_t)absent << d->chunk_shift);
+		off_t r = lseek(d->img_fd, (off_t)off, SEEK_DATA);
+		uint64_t data = r < 0 ? size : (uint64_t)r;
+		uint64_t res = MIN(a, data);
+		return res >= size ? -ENXIO : (int64_t)res;
+	}
+	if (whence != SEEK_HOLE)
+		return -EINVAL;
+	for (uint64_t p = off; p < size;) {
+		off_t h = lseek(d->img_fd, (off_t)p, SEEK_HOLE);
+		if (h < 0 || (uint64_t)h >= size)
+			return (int64_t)size;
+		uint64_t idx = (uint64_t)h >> d->chunk_shift;
+		if (bitmap_get(&d->present, idx))
+			return h;
+		int64_t next = bitmap_next_set(&d->present, idx + 1);
+		if (next < 0)
+			return (int64_t)size;
+		p = (uint64_t)next << d->chunk_shift;
+	}
+	return (int64_t)size;
+}

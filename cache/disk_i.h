@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Private: struct cache_disk and the chunk-filling primitives that the
+ * streamer (stream.c) shares with the read/write paths (disk.c).
+ *
+ * Lock order: stream.lock -> commit_lock -> lock.  No lock is held while
+ * the source fetches or while data are written to the image, except
+ * commit_lock, which only covers fsync of our own files.
+ */
+#ifndef STREAMFS_DISK_I_H
+#define STREAMFS_DISK_I_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "cache.h"
+#include "cache_i.h"
+#include "ratelimit.h"
+
+/* A chunk being filled by one owner; others wait for it, never refetch. */
+struct inflight {
+	uint64_t idx;
+	bool done;     /* guarded by cache_disk.lock */
+	int result;    /* 0 or -errno, valid once done; guarded by lock */
+	unsigned refs; /* owner + waiters; the last one frees; guarded by lock */
+	struct inflight *next;
+};
+
+#define RATE_SLOTS 8 /* seconds of history for the measured rate */
+
+enum stream_mode { STREAM_IDLE, STREAM_RUNNING, STREAM_PAUSED };
+
+struct stream {
+	pthread_mutex_t lock;     /* protects: every field below; order: first */
+	pthread_cond_t cond;      /* mode, quit, active or backoff changed */
+	enum stream_mode mode;    /* guarded by lock */
+	bool quit;                /* guarded by lock: threads exit */
+	uint64_t cursor;          /* next chunk to consider; guarded by lock */
+	uint64_t backoff_until;   /* now_ns() before which no new fetch; guarded */
+	uint64_t backoff_ns;      /* current back-off step, 0 after success */
+	unsigned depth;           /* chunks in flight wanted; guarded */
+	unsigned nthreads;        /* threads started; guarded */
+	unsigned active;          /* workers with a chunk in hand; guarded */
+	uint64_t next_commit_ns;  /* when the streamer next syncs; guarded */
+	pthread_t *threads;       /* nthreads entries; guarded */
+	struct ratelimit rl;      /* own lock */
+};
+
+struct cache_disk {
+	char *name;
+	int img_fd;
+	int meta_fd;
+	uint64_t nchunks;
+	uint32_t chunk_size;   /* bytes, power of two */
+	unsigned chunk_shift;  /* log2(chunk_size) */
+	struct cache_source src;
+
+	pthread_mutex_t commit_lock; /* protects: meta (header fields), the
+				      * meta file's contents; order: after
+				      * stream.lock, before lock */
+	struct meta meta;
+
+	pthread_mutex_t lock;       /* protects: present, dirty, inflight, failed,
+				     * local_error, error; order: last */
+	pthread_cond_t fill_cond;   /* an inflight entry finished */
+	struct bitmap present;      /* guarded by lock */
+	struct bitmap dirty;        /* bitmap pages changed since last commit */
+	struct inflight *inflight;  /* guarded by lock */
+	bool failed;                /* permanent: template changed; guarded */
+	bool local_error;           /* ENOSPC/EIO on the image; cleared by start */
+	char error[256];            /* last error text; guarded by lock */
+
+	atomic_uint_fast64_t writes_since_sync; /* data writes not yet fdatasync'd */
+	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
+	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */
+	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
+
+	struct stream st;
+};
+
+/* Bitmap bytes per dirty-tracking page. */
+#define DIRTY_PAGE_BYTES 4096u
+#define DIRTY_PAGE_CHUNKS (DIRTY_PAGE_BYTES * 8u)
+
+/* Byte length of chunk idx (the last one may be short). */
+uint64_t disk_chunk_len(const struct cache_disk *d, uint64_t idx);
+
+/*
+ * Makes chunks [first, last] present with the given hint, fetching absent
+ * ones (claimed by this thread) and waiting for those in flight elsewhere.
+ * Returns 0 or -errno.  Call with no lock held.
+ */
+int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
+		       const struct cache_fetch_hint *hint) __attribute__((warn_unused_result));
+
+/* First absent chunk at or after from, or -1.  Takes d->lock. */
+int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
+
+/* Records an error text for user.streamfs.error; lock must not be held. */
+void disk_set_error(struct cache_disk *d, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* stream.c: set up / tear down the streamer state (no threads yet). */
+void stream_init(struct cache_disk *d);
+void stream_destroy(struct cache_disk *d);
+/* Current streamer mode and position, for stats; takes st.lock. */
+void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos);
+/* Measured streaming rate in bytes/s. Lock-free. */
+uint64_t stream_rate(struct cache_disk *d);
+/* Adds streamed bytes to the rate measurement. Lock-free. */
+void stream_account(struct cache_disk *d, uint64_t bytes);
+
+#endif

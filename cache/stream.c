@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The background streamer of one disk: worker threads walk the disk in
+ * order, skip present chunks and fill absent ones through the source with
+ * STREAM priority, several in flight, under the disk's speed limit.  Also
+ * single-chunk mode for management tools.
+ *
+ * Threads: the workers (started on the first start, living until the disk
+ * is freed) plus callers of the cache_disk_stream_* API from control
+ * handlers.  Demand reads never wait for the streamer: the streamer never
+ * holds a lock across a fetch, and the source serves DEMAND first.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/cleanup.h"
+#include "disk_i.h"
+#include "log.h"
+#include "util.h"
+
+#define BACKOFF_MIN_NS 500000000ull   /* first retry after a failed chunk */
+#define BACKOFF_MAX_NS 30000000000ull /* never wait longer than this */
+#define COMMIT_EVERY_NS 2000000000ull /* batch streamed chunks' syncs */
+
+void stream_init(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+	pthread_condattr_t ca;
+
+	pthread_mutex_init(&st->lock, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&st->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	st->mode = STREAM_IDLE;
+	st->depth = 2;
+	ratelimit_init(&st->rl, d->meta.speed, now_ns());
+}
+
+void stream_destroy(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+
+	pthread_mutex_lock(&st->lock);
+	st->quit = true;
+	pthread_cond_broadcast(&st->cond);
+	unsigned n = st->nthreads;
+	pthread_mutex_unlock(&st->lock);
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(st->threads[i], NULL);
+	free(st->threads);
+	st->threads = NULL;
+	st->nthreads = 0;
+	ratelimit_destroy(&st->rl);
+	pthread_cond_destroy(&st->cond);
+	pthread_mutex_destroy(&st->lock);
+}
+
+void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos)
+{
+	LOCK_GUARD(&d->st.lock);
+	*ret_mode = d->st.mode;
+	*ret_pos = d->st.cursor << d->chunk_shift;
+}
+
+void stream_account(struct cache_disk *d, uint64_t bytes)
+{
+	uint64_t sec = now_ns() / 1000000000ull;
+	unsigned slot = (unsigned)(sec % RATE_SLOTS);
+
+	/* A slot holding an older second is recycled.  Two threads may race
+	 * on the recycle and lose a few bytes of one sample: acceptable for
+	 * a displayed rate, and it keeps this path lock-free. */
+	if (atomic_load(&d->rate_sec[slot]) != sec) {
+		atomic_store(&d->rate_bytes[slot], 0);
+		atomic_store(&d->rate_sec[slot], sec);
+	}
+	atomic_fetch_add(&d->rate_bytes[slot], bytes);
+}
+
+uint64_t stream_rate(struct cache_disk *d)
+{
+	uint64_t sec = now_ns() / 1000000000ull;
+	uint64_t sum = 0;
+	const unsigned window = RATE_SLOTS - 3; /* whole seconds before this one */
+
+	for (unsigned k = 1; k <= window; k++) {
+		uint64_t s = sec - k;
+		unsigned slot = (unsigned)(s % RATE_SLOTS);
+		if (atomic_load(&d->rate_sec[slot]) == s)
+			sum += atomic_load(&d->rate_bytes[slot]);
+	}
+	return sum / window;
+}
+
+static void deadline_ts(struct timespec *ts, uint64_t at_ns)
+{
+	ts->tv_sec = (time_t)(at_ns / 1000000000ull);
+	ts->tv_nsec = (long)(at_ns % 1000000000ull);
+}
+
+/* Sleeps on st->cond until at_ns at the latest; st->lock held. */
+static void wait_until_locked(struct stream *st, uint64_t at_ns)
+{
+	struct timespec ts;
+
+	deadline_ts(&ts, at_ns);
+	pthread_cond_timedwait(&st->cond, &st->lock, &ts);
+}
+
+/* Records completion durably; called with no lock held. */
+static void stream_finish(struct cache_disk *d)
+{
+	int r = cache_disk_sync(d);
+
+	if (r < 0) {
+		log_err("disk %s: cannot record completion: %s", d->name, strerror(-r));
+		disk_set_error(d, "cannot record completion: %s", strerror(-r));
+	}
+}
+
+struct worker_arg {
+	struct cache_disk *d;
+	unsigned id;
+};
+
+static void *stream_worker(void *opaque)
+{
+	struct worker_arg *wa = opaque;
+	struct cache_disk *d = wa->d;
+	struct stream *st = &d->st;
+	unsigned id = wa->id;
+
+	free(wa);
+	pthread_mutex_lock(&st->lock);
+	while (!st->quit) {
+		uint64_t now = now_ns();
+		bool limited = ratelimit_get(&st->rl) != 0;
+
+		/* A limited stream runs one chunk at a time so that each
+		 * transfer can be paced smoothly by the source. */
+		if (st->mode != STREAM_RUNNING || id >= st->depth || (limited && id > 0)) {
+			pthread_cond_wait(&st->cond, &st->lock);
+			continue;
+		}
+		if (now < st->backoff_until) {
+			wait_until_locked(st, st->backoff_until);
+			continue;
+		}
+		int64_t idx = disk_next_absent(d, st->cursor);
+		if (idx < 0) {
+			if (st->active) {
+				pthread_cond_wait(&st->cond, &st->lock);
+				continue;
+			}
+			if (disk_next_absent(d, 0) >= 0) {
+				/* Chunks that failed earlier lie behind us. */
+				st->cursor = 0;
+				continue;
+			}
+			st->mode = STREAM_IDLE;
+			st->cursor = d->nchunks;
+			pthread_cond_broadcast(&st->cond);
+			pthread_mutex_unlock(&st->lock);
+			stream_finish(d);
+			pthread_mutex_lock(&st->lock);
+			continue;
+		}
+		st->cursor = (uint64_t)idx + 1;
+		st->active++;
+		pthread_mutex_unlock(&st->lock);
+
+		uint64_t len = disk_chunk_len(d, (uint64_t)idx);
+		uint64_t wait = ratelimit_reserve(&st->rl, len, now_ns());
+		bool go = true;
+		if (wait) {
+			uint64_t until = now_ns() + wait;
+			pthread_mutex_lock(&st->lock);
+			while (!st->quit && st->mode == STREAM_RUNNING && now_ns() < until)
+				wait_until_locked(st, until);
+			go = !st->quit && st->mode == STREAM_RUNNING;
+			pthread_mutex_unlock(&st->lock);
+		}
+		int r = 0;
+		if (go) {
+			const struct cache_fetch_hint hint = {
+				.prio = CACHE_PRIO_STREAM,
+				.max_rate = ratelimit_get(&st->rl),
+			};
+			r = disk_ensure_chunks(d, (uint64_t)idx, (uint64_t)idx, &hint);
+		}
+
+		pthread_mutex_lock(&st->lock);
+		st->active--;
+		if (!go) {
+			st->cursor = MIN(st->cursor, (uint64_t)idx);
+		} else if (r >= 0) {
+			st->backoff_ns = 0;
+		} else if (r == -EIO && d->failed) {
+			st->mode = STREAM_IDLE;
+		} else if (r == -ENOSPC || r == -EROFS || r == -EDQUOT || d->local_error) {
+			log_err("disk %s: streaming stopped: cannot write local image: %s", d->name,
+				strerror(-r));
+			st->mode = STREAM_PAUSED;
+			st->cursor = MIN(st->cursor, (uint64_t)idx);
+		} else {
+			/* The source already retried; back off with jitter and
+			 * resume by ourselves when the template answers again. */
+			st->backoff_ns = st->backoff_ns ? MIN(st->backoff_ns * 2, BACKOFF_MAX_NS)
+							: BACKOFF_MIN_NS;
+			uint64_t jitter = (uint64_t)rand() % (st->backoff_ns / 2 + 1);
+			st->backoff_until = now_ns() + st->backoff_ns / 2 + jitter;
+			st->cursor = MIN(st->cursor, (uint64_t)idx);
+			log_warn("disk %s: streaming chunk %" PRId64 " failed (%s); retrying in %.1f s",
+				 d->name, idx, strerror(-r),
+				 (double)(st->backoff_until - now_ns()) / 1e9);
+		}
+		bool commit = false;
+		now = now_ns();
+		if (now >= st->next_commit_ns) {
+			st->next_commit_ns = now + COMMIT_EVERY_NS;
+			commit = true;
+		}
+		pthread_cond_broadcast(&st->cond);
+		pthread_mutex_unlock(&st->lock);
+		if (commit) {
+			int c = cache_disk_sync(d);
+			if (c < 0)
+				log_err("disk %s: cannot save progress: %s", d->name, strerror(-c));
+		}
+		pthread_mutex_lock(&st->lock);
+	}
+	pthread_mutex_unlock(&st->lock);
+	return NULL;
+}
+
+/* Starts the worker threads once; st->lock held. */
+static int start_threads_locked(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+
+	if (st->nthreads >= st->depth)
+		return 0;
+	pthread_t *t = realloc(st->threads, st->depth * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	st->threads = t;
+	while (st->nthreads < st->depth) {
+		struct worker_arg *wa = malloc(sizeof(*wa));
+		if (!wa)
+			return -ENOMEM;
+		wa->d = d;
+		wa->id = st->nthreads;
+		int r = pthread_create(&st->threads[st->nthreads], NULL, stream_worker, wa);
+		if (r) {
+			free(wa);
+			return -r;
+		}
+		st->nthreads++;
+	}
+	return 0;
+}
+
+int cache_disk_stream_start(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+
+	pthread_mutex_lock(&d->lock);
+	bool complete = d->present.count == d->nchunks;
+	bool failed = d->failed;
+	if (!failed && !complete) {
+		d->local_error = false;
+		d->error[0] = '\0';
+	}
+	pthread_mutex_unlock(&d->lock);
+	if (complete)
+		return -EALREADY;
+	if (failed)
+		return -EIO;
+
+	LOCK_GUARD(&st->lock);
+	int r = start_threads_locked(d);
+	if (r < 0 && st->nthreads == 0)
+		return r;
+	if (st->mode != STREAM_RUNNING) {
+		st->mode = STREAM_RUNNING;
+		st->backoff_until = 0;
+		st->backoff_ns = 0;
+		if (st->cursor >= d->nchunks)
+			st->cursor = 0;
+	}
+	pthread_cond_broadcast(&st->cond);
+	return 0;
+}
+
+int cache_disk_stream_stop(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+
+	pthread_mutex_lock(&d->lock);
+	bool complete = d->present.count == d->nchunks;
+	pthread_mutex_unlock(&d->lock);
+	if (complete)
+		return -EALREADY;
+	LOCK_GUARD(&st->lock);
+	st->mode = STREAM_PAUSED;
+	pthread_cond_broadcast(&st->cond);
+	return 0;
+}
+
+int cache_disk_stream_set_speed(struct cache_disk *d, uint64_t speed)
+{
+	int r = 0;
+
+	ratelimit_set(&d->st.rl, speed, now_ns());
+	pthread_mutex_lock(&d->commit_lock);
+	if (d->meta.speed != speed) {
+		uint64_t old = d->meta.speed;
+		d->meta.speed = speed;
+		r = meta_store_header(d->meta_fd, &d->meta);
+		if (r < 0)
+			d->meta.speed = old;
+	}
+	pthread_mutex_unlock(&d->commit_lock);
+	pthread_mutex_lock(&d->st.lock);
+	pthread_cond_broadcast(&d->st.cond);
+	pthread_mutex_unlock(&d->st.lock);
+	return r;
+}
+
+void cache_disk_stream_set_depth(struct cache_disk *d, unsigned depth)
+{
+	LOCK_GUARD(&d->st.lock);
+	d->st.depth = depth ? depth : 1;
+}
+
+int cache_disk_stream_chunk(struct cache_disk *d, uint64_t off, uint64_t *ret_next)
+{
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_STREAM};
+	int r;
+
+	if (off >= d->meta.size)
+		return -EINVAL;
+	uint64_t idx = off >> d->chunk_shift;
+	r = disk_ensure_chunks(d, idx, idx, &hint);
+	if (r < 0)
+		return r;
+	int64_t next = disk_next_absent(d, idx + 1);
+	if (next < 0) {
+		if (disk_next_absent(d, 0) < 0)
+			stream_finish(d);
+		*ret_next = UINT64_MAX;
+	} else {
+		*ret_next = (uint64_t)next << d->chunk_shift;
+	}
+	pthread_mutex_lock(&d->st.lock);
+	if (d->st.mode != STREAM_RUNNING)
+		d->st.cursor = MAX(d->st.cursor, idx + 1);
+	pthread_mutex_unlock(&d->st.lock);
+	return 0;
+}

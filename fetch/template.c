@@ -1,0 +1,351 @@
+// SPDX-License-Identifier: MIT
+/*
+ * A template bound to its validator: reads with retries (the only retry
+ * loop of the project), file:// templates, and the probe used by `add`.
+ * Callable from any thread; each read runs on its caller's thread.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/cleanup.h"
+#include "fetch_i.h"
+#include "log.h"
+#include "util.h"
+
+#define RETRY_MIN_MS 100u
+#define RETRY_MAX_MS 5000u
+#define STREAM_ATTEMPTS 3
+
+struct fetch_template {
+	struct fetch_pool *pool; /* borrowed */
+	char *url;               /* may hold credentials: never logged */
+	char *shown;             /* url_redact(url) */
+	char *etag;              /* "" when none */
+	char *last_modified;     /* "" when none */
+	char *path;              /* file:// templates: the local path, else NULL */
+	uint64_t size;
+	atomic_uint_fast64_t fetched;
+	atomic_uint_fast64_t errors;
+	pthread_mutex_t err_lock; /* protects: last_error; leaf */
+	char last_error[200];
+};
+
+/* Decodes the path of a file:// URL (percent-escapes allowed). */
+static char *file_url_path(const char *url)
+{
+	const char *p = url + 7;
+	char *out;
+	size_t o = 0;
+
+	if (!strncasecmp(p, "localhost/", 10))
+		p += 9;
+	if (*p != '/')
+		return NULL;
+	out = malloc(strlen(p) + 1);
+	if (!out)
+		return NULL;
+	for (; *p && *p != '?' && *p != '#'; p++) {
+		if (*p == '%' && p[1] && p[2]) {
+			char hex[3] = {p[1], p[2], 0};
+			char *end;
+			long v = strtol(hex, &end, 16);
+			if (*end || v <= 0) {
+				free(out);
+				return NULL;
+			}
+			out[o++] = (char)v;
+			p += 2;
+		} else {
+			out[o++] = *p;
+		}
+	}
+	out[o] = '\0';
+	return out;
+}
+
+static bool is_file_url(const char *url)
+{
+	return !strncasecmp(url, "file://", 7);
+}
+
+/* The validator of a local file: changes when it is replaced or modified. */
+static void file_validator(const struct stat *st, char *buf, size_t n)
+{
+	snprintf(buf, n, "file:%llx-%llx-%llx.%09ld", (unsigned long long)st->st_ino,
+		 (unsigned long long)st->st_size, (unsigned long long)st->st_mtim.tv_sec,
+		 st->st_mtim.tv_nsec);
+}
+
+static int file_open(const char *path, struct stat *st, char *why, size_t why_size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0 || fstat(fd, st) < 0) {
+		int e = errno;
+		snprintf(why, why_size, "cannot open %s: %s", path, strerror(e));
+		if (fd >= 0)
+			close(fd);
+		return -e;
+	}
+	if (!S_ISREG(st->st_mode) && !S_ISBLK(st->st_mode)) {
+		close(fd);
+		snprintf(why, why_size, "%s is not a regular file", path);
+		return -EINVAL;
+	}
+	return fd;
+}
+
+static int file_read(struct fetch_template *t, void *buf, size_t len, uint64_t off, char *why,
+		     size_t why_size)
+{
+	struct stat st;
+	char v[128];
+	_cleanup_close_ int fd = file_open(t->path, &st, why, why_size);
+
+	if (fd < 0)
+		return fd == -ENOENT ? -ENOENT : fd;
+	file_validator(&st, v, sizeof(v));
+	if ((uint64_t)st.st_size != t->size || strcmp(v, t->etag)) {
+		snprintf(why, why_size, "template file %s changed since the disk was added", t->path);
+		return -ESTALE;
+	}
+	int r = full_pread(fd, buf, len, off);
+	if (r < 0)
+		snprintf(why, why_size, "cannot read %s: %s", t->path, strerror(-r));
+	return r;
+}
+
+struct fetch_template *fetch_template_new(struct fetch_pool *p, const char *url, const char *etag,
+					  const char *last_modified, uint64_t size)
+{
+	struct fetch_template *t = calloc(1, sizeof(*t));
+
+	if (!t)
+		return NULL;
+	t->pool = p;
+	t->size = size;
+	t->url = strdup(url);
+	t->shown = url_redact(url);
+	t->etag = strdup(etag ? etag : "");
+	t->last_modified = strdup(last_modified ? last_modified : "");
+	pthread_mutex_init(&t->err_lock, NULL);
+	if (t->url && is_file_url(url)) {
+		t->path = file_url_path(url);
+		if (!t->path) {
+			fetch_template_free(t);
+			errno = EINVAL;
+			return NULL;
+		}
+	}
+	if (!t->url || !t->shown || !t->etag || !t->last_modified) {
+		fetch_template_free(t);
+		errno = ENOMEM;
+		return NULL;
+	}
+	return t;
+}
+
+void fetch_template_free(struct fetch_template *t)
+{
+	if (!t)
+		return;
+	pthread_mutex_destroy(&t->err_lock);
+	free(t->url);
+	free(t->shown);
+	free(t->etag);
+	free(t->last_modified);
+	free(t->path);
+	free(t);
+}
+
+void fetch_template_counters(struct fetch_template *t, uint64_t *ret_fetched, uint64_t *ret_errors)
+{
+	*ret_fetched = atomic_load(&t->fetched);
+	*ret_errors = atomic_load(&t->errors);
+}
+
+void fetch_template_last_error(struct fetch_template *t, char *buf, size_t bufsize)
+{
+	LOCK_GUARD(&t->err_lock);
+	snprintf(buf, bufsize, "%s", t->last_error);
+}
+
+static void set_last_error(struct fetch_template *t, const char *why)
+{
+	LOCK_GUARD(&t->err_lock);
+	snprintf(t->last_error, sizeof(t->last_error), "%s", why);
+}
+
+/* Failures that another attempt may cure. */
+static bool retryable(int r)
+{
+	switch (r) {
+	case -ETIMEDOUT:
+	case -EHOSTUNREACH:
+	case -EAGAIN:
+	case -ECONNRESET:
+	case -EPROTO:
+	case -EIO:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static void sleep_ms(uint64_t ms)
+{
+	struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000};
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_t off,
+			enum fetch_prio prio, uint64_t max_rate)
+{
+	uint64_t start = now_ns();
+	uint64_t deadline = start + (uint64_t)t->pool->opts.timeout_s * 1000000000ull;
+	unsigned backoff_ms = RETRY_MIN_MS;
+	struct http_reply reply;
+	int r;
+
+	if (len == 0 || off >= t->size || len > t->size - off)
+		return -EINVAL;
+	for (unsigned attempt = 1;; attempt++) {
+		if (t->path) {
+			r = file_read(t, buf, len, off, reply.why, sizeof(reply.why));
+			reply.retry_after_s = 0;
+		} else {
+			CURL *h = pool_acquire(t->pool, prio);
+			if (!h)
+				return -ENOMEM;
+			uint64_t now = now_ns();
+			long timeout_ms = prio == FETCH_PRIO_DEMAND && deadline > now
+						  ? (long)((deadline - now) / 1000000) + 1
+						  : 0;
+			r = http_range_get(t->pool, h, t->url, t->etag, t->last_modified, t->size, buf,
+					   len, off, max_rate, timeout_ms, &reply);
+			/* A connection that failed mid-transfer is not reused. */
+			pool_release(t->pool, h, r < 0 && r != -ENOENT && r != -EACCES && r != -ESTALE &&
+							r != -EAGAIN);
+		}
+		if (r == 0) {
+			atomic_fetch_add(&t->fetched, len);
+			set_last_error(t, "");
+			return 0;
+		}
+		atomic_fetch_add(&t->errors, 1);
+		char msg[sizeof(t->last_error)];
+		snprintf(msg, sizeof(msg), "%s (%s)", reply.why, t->shown);
+		set_last_error(t, msg);
+		log_debug(LOG_SUB_FETCH, "range %" PRIu64 "+%zu attempt %u: %s", off, len, attempt, msg);
+		/* Retrying only what another attempt may cure: network and
+		 * server-side trouble.  A changed template, a missing file or
+		 * a refused credential stays so until someone acts. */
+		if (!retryable(r))
+			return r;
+		if (prio == FETCH_PRIO_STREAM && attempt >= STREAM_ATTEMPTS)
+			return r;
+		uint64_t wait_ms = backoff_ms / 2 + (uint64_t)rand() % (backoff_ms / 2 + 1);
+		if (reply.retry_after_s)
+			wait_ms = MAX(wait_ms, reply.retry_after_s * 1000ull);
+		backoff_ms = MIN(backoff_ms * 2, RETRY_MAX_MS);
+		uint64_t now = now_ns();
+		if (prio == FETCH_PRIO_DEMAND) {
+			if (now >= deadline)
+				return r == -ETIMEDOUT ? r : -EIO;
+			wait_ms = MIN(wait_ms, (deadline - now) / 1000000 + 1);
+		}
+		sleep_ms(wait_ms);
+	}
+}
+
+void fetch_probe_clear(struct fetch_probe_result *r)
+{
+	free(r->etag);
+	free(r->last_modified);
+	r->etag = r->last_modified = NULL;
+}
+
+int fetch_probe(struct fetch_pool *p, const char *url, struct fetch_probe_result *ret, char *why,
+		size_t why_size)
+{
+	struct fetch_probe_result res = {0};
+	char b;
+	int r;
+
+	if (is_file_url(url)) {
+		struct stat st;
+		char v[128];
+		_cleanup_free_ char *path = file_url_path(url);
+		if (!path) {
+			snprintf(why, why_size, "bad file URL (want file:///absolute/path)");
+			return -EINVAL;
+		}
+		_cleanup_close_ int fd = file_open(path, &st, why, why_size);
+		if (fd < 0)
+			return fd;
+		if (st.st_size == 0) {
+			snprintf(why, why_size, "template %s is empty", path);
+			return -EINVAL;
+		}
+		file_validator(&st, v, sizeof(v));
+		res.size = (uint64_t)st.st_size;
+		res.etag = strdup(v);
+		if (!res.etag)
+			return -ENOMEM;
+		*ret = res;
+		return 0;
+	}
+	if (strncasecmp(url, "http://", 7) && strncasecmp(url, "https://", 8)) {
+		snprintf(why, why_size, "unsupported URL scheme (use http://, https:// or file://)");
+		return -EINVAL;
+	}
+
+	/* A real one-byte range request: servers that omit Accept-Ranges but
+	 * honour ranges work; servers that ignore ranges are found out. */
+	struct http_reply reply;
+	CURL *h = pool_acquire(p, FETCH_PRIO_DEMAND);
+	if (!h)
+		return -ENOMEM;
+	r = http_range_get(p, h, url, NULL, NULL, 0, &b, 1, 0, 0,
+			   (long)p->opts.timeout_s * 1000, &reply);
+	pool_release(p, h, r < 0);
+	if (r == -ESTALE && reply.have_cr && reply.cr_start == 0 && reply.cr_end == 0) {
+		/* Expected: we passed size 0 because we do not know it yet. */
+		r = 0;
+	} else if (r == 0 || (r == -EIO && reply.status == 416)) {
+		r = -EIO;
+		if (reply.status == 416 && reply.have_cr && reply.cr_total == 0)
+			snprintf(reply.why, sizeof(reply.why), "template is empty");
+	}
+	if (r < 0) {
+		snprintf(why, why_size, "%s", reply.why[0] ? reply.why : strerror(-r));
+		return r;
+	}
+	res.size = reply.cr_total;
+	if (reply.etag[0] && strncmp(reply.etag, "W/", 2))
+		res.etag = strdup(reply.etag);
+	if (reply.last_modified[0])
+		res.last_modified = strdup(reply.last_modified);
+	if ((reply.etag[0] && strncmp(reply.etag, "W/", 2) && !res.etag) ||
+	    (reply.last_modified[0] && !res.last_modified)) {
+		fetch_probe_clear(&res);
+		return -ENOMEM;
+	}
+	if (!res.etag && !res.last_modified) {
+		_cleanup_free_ char *shown = url_redact(url);
+		log_warn("template %s has no validator (no ETag or Last-Modified): "
+			 "changes to it cannot be detected", shown ? shown : "?");
+	}
+	*ret = res;
+	return 0;
+}

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Adding a disk (probe + create) and the image-directory owner lock.
+ * Shared by the daemon's control file and by streamfsctl's offline add.
+ * Does not touch FUSE.  Any thread.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "common/cleanup.h"
+#include "fs.h"
+#include "util.h"
+
+int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
+		const struct fs_add_params *p, char *why, size_t why_size)
+{
+	struct fetch_probe_result probe = {0};
+	char reason[256];
+	uint64_t cs = p->chunk_size ? p->chunk_size : CACHE_CHUNK_DEFAULT;
+	char meta_name[DISK_NAME_MAX + 8];
+	int r;
+
+	if (!disk_name_valid(p->name)) {
+		snprintf(why, why_size,
+			 "bad disk name '%.64s%s': use 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
+			 p->name, strlen(p->name) > 64 ? "..." : "");
+		return -EINVAL;
+	}
+	if (cs < CACHE_CHUNK_MIN || cs > CACHE_CHUNK_MAX || (cs & (cs - 1))) {
+		snprintf(why, why_size, "bad chunk size %" PRIu64 ": use a power of two from 64K to 16M",
+			 cs);
+		return -EINVAL;
+	}
+	_cleanup_free_ char *shown = url_redact(p->url);
+	if (!shown)
+		return -ENOMEM;
+	if (strncasecmp(p->url, "http://", 7) && strncasecmp(p->url, "https://", 8) &&
+	    strncasecmp(p->url, "file://", 7)) {
+		snprintf(why, why_size, "bad template URL %s: use http://, https:// or file://", shown);
+		return -EINVAL;
+	}
+	snprintf(meta_name, sizeof(meta_name), "%s.meta", p->name);
+	if (faccessat(dirfd, meta_name, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+		snprintf(why, why_size, "disk '%s' already exists in %s", p->name, dir_shown);
+		return -EEXIST;
+	}
+	/* Fail on an unwritable directory before asking the network. */
+	if (faccessat(dirfd, ".", W_OK, AT_EACCESS) < 0) {
+		r = -errno;
+		snprintf(why, why_size, "cannot create disk '%s' in %s: %s", p->name, dir_shown,
+			 strerror(-r));
+		return r;
+	}
+	r = fetch_probe(pool, p->url, &probe, reason, sizeof(reason));
+	if (r < 0) {
+		snprintf(why, why_size, "cannot use template %s: %s", shown, reason);
+		return r;
+	}
+	struct cache_disk_params cp = {
+		.url = p->url,
+		.etag = probe.etag,
+		.last_modified = probe.last_modified,
+		.manifest_url = p->manifest,
+		.size = probe.size,
+		.chunk_size = (uint32_t)cs,
+		.speed = p->speed,
+	};
+	r = cache_disk_create(dirfd, p->name, &cp);
+	fetch_probe_clear(&probe);
+	if (r == -EEXIST)
+		snprintf(why, why_size, "disk '%s' already exists in %s", p->name, dir_shown);
+	else if (r == -ENAMETOOLONG)
+		snprintf(why, why_size, "template URL or validator too long for disk '%s'", p->name);
+	else if (r < 0)
+		snprintf(why, why_size, "cannot create disk '%s' in %s: %s", p->name, dir_shown,
+			 strerror(-r));
+	return r;
+}
+
+int fs_dir_lock(int dirfd, const char *dir_shown, char *why, size_t why_size)
+{
+	/* flock on the directory itself: nothing is created in it, and the
+	 * lock dies with its holder, even after kill -9. */
+	int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd < 0) {
+		int e = errno;
+		snprintf(why, why_size, "cannot open image directory %s: %s", dir_shown, strerror(e));
+		return -e;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int e = errno;
+		close(fd);
+		if (e == EWOULDBLOCK) {
+			snprintf(why, why_size,
+				 "image directory %s is in use by a running streamfs (unmount it first)",
+				 dir_shown);
+			return -EBUSY;
+		}
+		snprintf(why, why_size, "cannot lock image directory %s: %s", dir_shown, strerror(e));
+		return -e;
+	}
+	return fd;
+}

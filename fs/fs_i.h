@@ -1,0 +1,112 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Private declarations of fs/: the per-mount context passed to every FUSE
+ * operation through fuse_get_context()->private_data, the disk table, and
+ * the control file and xattr handlers.
+ */
+#ifndef STREAMFS_FS_I_H
+#define STREAMFS_FS_I_H
+
+#define FUSE_USE_VERSION 312
+
+#include <fuse.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "cache.h"
+#include "fetch.h"
+#include "fs.h"
+
+#define CONTROL_NAME ".control"
+
+/* Mount options beyond FUSE's own; filled once by main(), then read-only. */
+struct mount_opts {
+	char *image_dir;
+	char *mountpoint;
+	bool foreground;
+	bool debug;
+	char *stream;        /* "auto" (default) or "manual" */
+	char *speed;         /* RATE for every disk, NULL = keep each disk's own */
+	unsigned connections;
+	unsigned timeout;
+	char *cafile, *capath, *cert, *key, *proxy, *header_file;
+	int insecure;
+	int readonly;
+	char *chunk_size;    /* default for new disks */
+	char *debug_subsys;  /* -o debug=fetch,cache,... */
+	int show_help;
+	int show_version;
+};
+
+/* One served disk: the cache and the template it reads through. */
+struct mount_disk {
+	char *name;
+	struct cache_disk *disk;
+	struct fetch_template *tpl;
+};
+
+struct mount_ctx {
+	struct mount_opts opts;     /* read-only after start-up */
+	int dirfd;                  /* the image directory */
+	int lock_fd;                /* flock held while mounted */
+	uid_t owner;                /* who mounted: may write the control file */
+	gid_t group;
+	bool auto_stream;
+	uint64_t default_chunk;     /* bytes, for add without chunk_size= */
+	uint64_t speed;             /* bytes/s from -o speed, valid if opts.speed */
+	unsigned depth;             /* streamer chunks in flight per disk */
+	struct fetch_pool *pool;
+
+	pthread_mutex_t add_lock;   /* serialises add; order: before disks_lock */
+	pthread_rwlock_t disks_lock; /* protects: disks, ndisks, cap */
+	struct mount_disk **disks;  /* never removed while mounted */
+	size_t ndisks, cap;
+
+	pthread_mutex_t flush_lock; /* protects: flush_quit; leaf */
+	pthread_cond_t flush_cond;
+	bool flush_quit;
+	pthread_t flusher;
+	bool flusher_started;
+};
+
+/* mount.c */
+struct mount_ctx *mount_ctx_get(void);
+/* Loads every disk of the image directory; logs and skips broken ones. */
+int mount_load_all(struct mount_ctx *m) __attribute__((warn_unused_result));
+/* Opens one disk and appends it; why receives the reason on failure. */
+int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why_size)
+	__attribute__((warn_unused_result));
+/* The disk called name, or NULL.  The pointer stays valid until unmount. */
+struct mount_disk *mount_find(struct mount_ctx *m, const char *name);
+/* The disk for a path "/NAME", or NULL. */
+struct mount_disk *mount_find_path(struct mount_ctx *m, const char *path);
+/* Snapshot of the table: caller frees the array (not the disks). */
+struct mount_disk **mount_list(struct mount_ctx *m, size_t *ret_n);
+/* Adds a disk through the control file: probe, create, load, maybe start. */
+int mount_add(struct mount_ctx *m, const struct fs_add_params *p, char *why, size_t why_size)
+	__attribute__((warn_unused_result));
+int mount_flusher_start(struct mount_ctx *m) __attribute__((warn_unused_result));
+void mount_flusher_stop(struct mount_ctx *m);
+void mount_free_disks(struct mount_ctx *m);
+
+/* xattr.c */
+int fs_getxattr(const char *path, const char *name, char *value, size_t size);
+int fs_setxattr(const char *path, const char *name, const char *value, size_t size, int flags);
+int fs_listxattr(const char *path, char *list, size_t size);
+
+/* control.c; a control file's fi->fh is its session | FS_FH_CONTROL. */
+#define FS_FH_CONTROL ((uint64_t)1)
+int fs_control_open(struct fuse_file_info *fi);
+int fs_control_read_buf(struct fuse_bufvec **bufp, size_t size, off_t off,
+			struct fuse_file_info *fi);
+int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi);
+void fs_control_release(struct fuse_file_info *fi);
+/* One status line for a disk, "name=... state=... ...\n"; returns length. */
+int fs_status_line(struct mount_disk *md, char *buf, size_t size);
+
+/* ops.c */
+extern const struct fuse_operations fs_ops;
+
+#endif
