@@ -716,3 +716,23 @@ int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence)
 	}
 	return (int64_t)size;
 }
+
+void cache_disk_map(struct cache_disk *d, char *out, unsigned cells)
+{
+	LOCK_GUARD(&d->lock);
+	for (unsigned k = 0; k < cells; k++) {
+		uint64_t a = d->nchunks * k / cells, b = d->nchunks * (k + 1) / cells;
+		uint64_t have = 0;
+		if (b == a)
+			b = MIN(a + 1, d->nchunks);
+		for (uint64_t i = a; i < b; i++)
+			have += bitmap_get(&d->present, i);
+		if (b <= a || have == 0)
+			out[k] = '0';
+		else if (have == b - a)
+			out[k] = '#';
+		else
+			out[k] = (char)('0' + MIN(9u, (unsigned)DIV_ROUND_UP(have * 10, b - a)));
+	}
+	out[cells] = '\0';
+}

@@ -252,6 +252,13 @@ int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi)
 	case CONTROL_STATUS:
 		r = do_status(m, s, c->name);
 		return r < 0 ? r : (int)size;
+	case CONTROL_MAP: {
+		_cleanup_free_ char *map = malloc(c->number + 1);
+		if (!map)
+			return -ENOMEM;
+		cache_disk_map(md->disk, map, (unsigned)c->number);
+		return reply(s, (int)size, "%s\n", map);
+	}
 	case CONTROL_VERIFY:
 		return reply(s, -EOPNOTSUPP,
 			     "error: verify: disk %s has no manifest (manifests are not supported by "

@@ -24,7 +24,7 @@ static const struct {
 	{"add", CONTROL_ADD, 2, 4},     {"start", CONTROL_START, 1, 1},
 	{"stop", CONTROL_STOP, 1, 1},   {"speed", CONTROL_SPEED, 2, 2},
 	{"chunk", CONTROL_CHUNK, 2, 2}, {"status", CONTROL_STATUS, 0, 1},
-	{"verify", CONTROL_VERIFY, 1, 1},
+	{"verify", CONTROL_VERIFY, 1, 1}, {"map", CONTROL_MAP, 1, 2},
 };
 
 static int fail(char *why, size_t why_size, const char *fmt, ...)
@@ -146,6 +146,13 @@ int control_parse(const char *buf, size_t len, struct control_cmd *ret, char *wh
 		r = parse_size(tok[2], &c.number);
 		if (r < 0)
 			return fail(why, why_size, "chunk: bad offset '%.64s'", tok[2]);
+		break;
+	case CONTROL_MAP:
+		c.number = 64;
+		if (nargs == 2 && (parse_u64(tok[2], &c.number) < 0 || c.number == 0 ||
+				   c.number > CONTROL_MAP_MAX))
+			return fail(why, why_size, "map: bad width '%.64s' (1 to %d cells)", tok[2],
+				    CONTROL_MAP_MAX);
 		break;
 	default:
 		break;

@@ -13,6 +13,7 @@
 #include "util.h"
 
 #define CONTROL_LINE_MAX 4096
+#define CONTROL_MAP_MAX 4096 /* cells of a map reply */
 
 enum control_verb {
 	CONTROL_ADD,
@@ -22,6 +23,7 @@ enum control_verb {
 	CONTROL_CHUNK,
 	CONTROL_STATUS,
 	CONTROL_VERIFY,
+	CONTROL_MAP,
 };
 
 struct control_cmd {
@@ -29,7 +31,7 @@ struct control_cmd {
 	char name[DISK_NAME_MAX + 1]; /* "" only for a bare "status" */
 	char url[CONTROL_LINE_MAX];   /* add: template URL */
 	char manifest[CONTROL_LINE_MAX]; /* add: manifest URL, "" when none */
-	uint64_t number;              /* speed: bytes/s; chunk: offset */
+	uint64_t number;              /* speed: bytes/s; chunk: offset; map: cells */
 	uint64_t chunk_size;          /* add: 0 = the mount's default */
 };
 

@@ -175,6 +175,15 @@ void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret);
  */
 int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence);
 
+/*
+ * Draws which parts of the disk are present into out (cells characters
+ * plus a NUL; out has cells + 1 bytes): cell k covers chunks
+ * [k*n/cells, (k+1)*n/cells) and is '#' when all of them are present, '0'
+ * when none is, and '1'..'9' for the tenths in between (rounded up, so any
+ * present chunk shows).  Takes the disk lock for a bitmap walk.
+ */
+void cache_disk_map(struct cache_disk *d, char *out, unsigned cells);
+
 /* --- the streamer (cache/stream.c) --- */
 
 /*
