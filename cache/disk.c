@@ -180,6 +180,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	pthread_mutex_init(&d->commit_lock, NULL);
 	pthread_cond_init(&d->fill_cond, NULL);
 	stream_init(d);
+	readahead_init(d);
 	*ret = d;
 	return 0;
 
@@ -201,6 +202,7 @@ void cache_disk_free(struct cache_disk *d)
 
 	if (!d)
 		return;
+	readahead_destroy(d);
 	stream_destroy(d);
 	r = cache_disk_sync(d);
 	if (r < 0)
@@ -480,6 +482,7 @@ int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
 		return 0;
 	if (len > size - off)
 		len = (size_t)(size - off);
+	readahead_note(d, off, len);
 	return disk_ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift,
 				  &hint);
 }

@@ -46,6 +46,22 @@ struct stream {
 	struct ratelimit rl;      /* own lock */
 };
 
+#define RA_THREADS 2                   /* read-ahead workers per disk */
+#define RA_WINDOW_BYTES (8u << 20)     /* how far ahead of a sequential reader */
+
+/* Read-ahead for sequential demand readers (readahead.c). */
+struct readahead {
+	pthread_mutex_t lock;  /* protects: every field below; order: before disk lock */
+	pthread_cond_t cond;   /* work arrived or quit */
+	uint64_t expect_off;   /* where the next sequential read would start */
+	unsigned streak;       /* sequential reads in a row */
+	uint64_t next;         /* next chunk to prefetch */
+	uint64_t end;          /* prefetch chunks below this index */
+	unsigned nthreads;
+	bool quit;
+	pthread_t threads[RA_THREADS];
+};
+
 struct cache_disk {
 	char *name;
 	int img_fd;
@@ -76,6 +92,7 @@ struct cache_disk {
 	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
 
 	struct stream st;
+	struct readahead ra;
 };
 
 /* Bitmap bytes per dirty-tracking page. */
@@ -99,6 +116,11 @@ int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
 /* Records an error text for user.streamfs.error; lock must not be held. */
 void disk_set_error(struct cache_disk *d, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
+
+/* readahead.c: set up / tear down; note a demand read (starts prefetch). */
+void readahead_init(struct cache_disk *d);
+void readahead_destroy(struct cache_disk *d);
+void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len);
 
 /* stream.c: set up / tear down the streamer state (no threads yet). */
 void stream_init(struct cache_disk *d);

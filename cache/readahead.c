@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Read-ahead for sequential demand readers.  A reader that reads on where
+ * its last read ended has the next RA_WINDOW_BYTES of absent chunks
+ * fetched in the background by a couple of worker threads, so that it
+ * finds them present instead of waiting one round trip per chunk.
+ * Requests go out with STREAM priority: speculative work never takes the
+ * connection kept for real demand reads.  Workers start on first use and
+ * live until the disk is freed.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "common/cleanup.h"
+#include "disk_i.h"
+#include "log.h"
+
+void readahead_init(struct cache_disk *d)
+{
+	struct readahead *ra = &d->ra;
+
+	pthread_mutex_init(&ra->lock, NULL);
+	pthread_cond_init(&ra->cond, NULL);
+	ra->expect_off = UINT64_MAX;
+}
+
+void readahead_destroy(struct cache_disk *d)
+{
+	struct readahead *ra = &d->ra;
+
+	pthread_mutex_lock(&ra->lock);
+	ra->quit = true;
+	pthread_cond_broadcast(&ra->cond);
+	unsigned n = ra->nthreads;
+	pthread_mutex_unlock(&ra->lock);
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(ra->threads[i], NULL);
+	pthread_cond_destroy(&ra->cond);
+	pthread_mutex_destroy(&ra->lock);
+}
+
+static void *ra_worker(void *opaque)
+{
+	struct cache_disk *d = opaque;
+	struct readahead *ra = &d->ra;
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_STREAM};
+
+	pthread_mutex_lock(&ra->lock);
+	while (!ra->quit) {
+		if (ra->next >= ra->end) {
+			pthread_cond_wait(&ra->cond, &ra->lock);
+			continue;
+		}
+		uint64_t idx = ra->next++;
+		pthread_mutex_unlock(&ra->lock);
+		/* Failures are left to the demand read that really needs
+		 * the chunk: it retries and reports. */
+		int r = disk_ensure_chunks(d, idx, idx, &hint);
+		if (r < 0)
+			log_debug(LOG_SUB_CACHE, "disk %s: read-ahead of chunk %llu: %s", d->name,
+				  (unsigned long long)idx, strerror(-r));
+		pthread_mutex_lock(&ra->lock);
+		if (r < 0)
+			ra->end = ra->next; /* stop guessing until the reader moves on */
+	}
+	pthread_mutex_unlock(&ra->lock);
+	return NULL;
+}
+
+void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len)
+{
+	struct readahead *ra = &d->ra;
+	uint64_t window = MAX(2u, RA_WINDOW_BYTES >> d->chunk_shift);
+
+	LOCK_GUARD(&ra->lock);
+	if (off != ra->expect_off) {
+		ra->streak = 0;
+		ra->expect_off = off + len;
+		ra->next = ra->end = 0;
+		return;
+	}
+	ra->expect_off = off + len;
+	if (++ra->streak < 2)
+		return;
+	uint64_t last = (off + len - 1) >> d->chunk_shift;
+	ra->next = MAX(ra->next, last + 1);
+	ra->end = MIN(d->nchunks, MAX(ra->end, last + 1 + window));
+	if (ra->next >= ra->end)
+		return;
+	while (ra->nthreads < RA_THREADS && !ra->quit) {
+		if (pthread_create(&ra->threads[ra->nthreads], NULL, ra_worker, d))
+			break;
+		ra->nthreads++;
+	}
+	pthread_cond_broadcast(&ra->cond);
+}
