@@ -253,6 +253,13 @@ void disk_set_error(struct cache_disk *d, const char *fmt, ...)
 	memcpy(d->error, buf, sizeof(buf));
 }
 
+void disk_error_flags(struct cache_disk *d, bool *ret_failed, bool *ret_local)
+{
+	LOCK_GUARD(&d->lock);
+	*ret_failed = d->failed;
+	*ret_local = d->local_error;
+}
+
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from)
 {
 	LOCK_GUARD(&d->lock);
@@ -330,15 +337,19 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 	uint64_t off = idx << d->chunk_shift;
 	uint64_t len = disk_chunk_len(d, idx);
 
-	atomic_fetch_add(&d->writes_since_sync, 1);
+	int r = -EOPNOTSUPP;
+
 	if (buf_is_zero(buf, len)) {
-		if (fallocate(d->img_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-			      (off_t)len) == 0)
-			return 0;
-		if (errno != EOPNOTSUPP && errno != ENOSYS)
-			return -errno;
+		r = fallocate(d->img_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+			      (off_t)len) == 0 ? 0 : -errno;
+		if (r == -ENOSYS)
+			r = -EOPNOTSUPP;
 	}
-	return full_pwrite(d->img_fd, buf, len, off);
+	if (r == -EOPNOTSUPP)
+		r = full_pwrite(d->img_fd, buf, len, off);
+	/* Counted once done, so a sync that reads the counter covers it. */
+	atomic_fetch_add(&d->writes_since_sync, 1);
+	return r;
 }
 
 /* Classifies a failure and records it for user.streamfs.error. */
@@ -402,6 +413,9 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	LOCK_GUARD(&d->lock);
 	for (uint64_t i = a; i <= b; i++)
 		inflight_finish_locked(d, claims[i - a], r);
+	/* A success ends a transient error: the text shows current trouble. */
+	if (r >= 0 && !d->failed && !d->local_error)
+		d->error[0] = '\0';
 	return r;
 }
 
@@ -554,8 +568,8 @@ int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t
 		if (r < 0)
 			goto finish;
 	}
-	atomic_fetch_add(&d->writes_since_sync, 1);
 	r = full_pwrite(d->img_fd, buf, len, off);
+	atomic_fetch_add(&d->writes_since_sync, 1);
 	if (r < 0)
 		note_fill_error(d, first, last, r, true);
 
@@ -608,13 +622,13 @@ int cache_disk_sync(struct cache_disk *d)
 	pthread_mutex_unlock(&d->lock);
 
 	/* Data first: every bit in the copy was set after its chunk's write
-	 * returned, so this fdatasync makes all of them true on disk. */
-	if (writes || ndirty) {
-		if (fdatasync(d->img_fd) < 0)
-			r = -errno;
-		else
-			atomic_fetch_sub(&d->writes_since_sync, writes);
-	}
+	 * returned, so this fdatasync makes all of them true on disk.  It
+	 * runs even when no write was counted: cheap on a clean file, and an
+	 * fsync(2) must never depend on bookkeeping to be honoured. */
+	if (fdatasync(d->img_fd) < 0)
+		r = -errno;
+	else
+		atomic_fetch_sub(&d->writes_since_sync, writes);
 	for (uint64_t k = 0; r >= 0 && k < ndirty; k++) {
 		uint64_t start = pages[k] * DIRTY_PAGE_BYTES;
 		r = full_pwrite(d->meta_fd, copy + k * DIRTY_PAGE_BYTES,

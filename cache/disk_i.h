@@ -110,6 +110,9 @@ uint64_t disk_chunk_len(const struct cache_disk *d, uint64_t idx);
 int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 		       const struct cache_fetch_hint *hint) __attribute__((warn_unused_result));
 
+/* Reads the failed (template changed) and local_error flags.  Takes d->lock. */
+void disk_error_flags(struct cache_disk *d, bool *ret_failed, bool *ret_local);
+
 /* First absent chunk at or after from, or -1.  Takes d->lock. */
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
 

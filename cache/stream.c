@@ -193,15 +193,17 @@ static void *stream_worker(void *opaque)
 			r = disk_ensure_chunks(d, (uint64_t)idx, (uint64_t)idx, &hint);
 		}
 
+		bool failed, local_error;
+		disk_error_flags(d, &failed, &local_error);
 		pthread_mutex_lock(&st->lock);
 		st->active--;
 		if (!go) {
 			st->cursor = MIN(st->cursor, (uint64_t)idx);
 		} else if (r >= 0) {
 			st->backoff_ns = 0;
-		} else if (r == -EIO && d->failed) {
+		} else if (failed) {
 			st->mode = STREAM_IDLE;
-		} else if (r == -ENOSPC || r == -EROFS || r == -EDQUOT || d->local_error) {
+		} else if (local_error) {
 			log_err("disk %s: streaming stopped: cannot write local image: %s", d->name,
 				strerror(-r));
 			st->mode = STREAM_PAUSED;

@@ -25,6 +25,7 @@ struct fetch_pool {
 	unsigned nidle;         /* guarded by lock */
 	unsigned total;         /* handles in existence; guarded by lock */
 	unsigned demand_waiting; /* guarded by lock */
+	atomic_bool shutdown;   /* set once by fetch_pool_shutdown */
 
 	pthread_mutex_t hdr_lock; /* protects: headers, hdr_*; leaf */
 	struct curl_slist *headers; /* from header_file; guarded by hdr_lock */
@@ -44,7 +45,8 @@ struct http_reply {
 	char why[200];          /* the user-facing reason of a failure */
 };
 
-/* Takes a handle for one request (blocking); DEMAND callers go first. */
+/* Takes a handle for one request (blocking); DEMAND callers go first.
+ * NULL with errno ECANCELED after fetch_pool_shutdown, ENOMEM on failure. */
 CURL *pool_acquire(struct fetch_pool *p, enum fetch_prio prio);
 /* Gives the handle back; bad=true drops it (and its connection). */
 void pool_release(struct fetch_pool *p, CURL *h, bool bad);

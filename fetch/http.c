@@ -125,6 +125,9 @@ int http_curl_error(CURLcode rc, const char *errbuf, char *why, size_t why_size)
 	case CURLE_SSL_ISSUER_ERROR:
 		snprintf(why, why_size, "TLS verification failed: %s", detail);
 		return -EACCES;
+	case CURLE_ABORTED_BY_CALLBACK:
+		snprintf(why, why_size, "cancelled: unmounting");
+		return -ECANCELED;
 	case CURLE_UNSUPPORTED_PROTOCOL:
 	case CURLE_URL_MALFORMAT:
 		return -EINVAL;

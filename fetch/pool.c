@@ -192,6 +192,16 @@ void fetch_pool_free(struct fetch_pool *p)
 	free(p);
 }
 
+/* Aborts transfers once the pool is shut down (curl calls it about once a second and on progress). */
+static int pool_progress_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+			    curl_off_t ulnow)
+{
+	struct fetch_pool *p = opaque;
+
+	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+	return atomic_load(&p->shutdown) ? 1 : 0;
+}
+
 void pool_setup_handle(struct fetch_pool *p, CURL *h)
 {
 	const struct fetch_opts *o = &p->opts;
@@ -210,6 +220,9 @@ void pool_setup_handle(struct fetch_pool *p, CURL *h)
 	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
 	curl_easy_setopt(h, CURLOPT_BUFFERSIZE, 512L * 1024);
+	curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, pool_progress_cb);
+	curl_easy_setopt(h, CURLOPT_XFERINFODATA, p);
+	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
 	if (o->cafile)
 		curl_easy_setopt(h, CURLOPT_CAINFO, o->cafile);
 	if (o->capath)
@@ -235,12 +248,18 @@ CURL *pool_acquire(struct fetch_pool *p, enum fetch_prio prio)
 	pthread_mutex_lock(&p->lock);
 	if (prio == FETCH_PRIO_DEMAND) {
 		p->demand_waiting++;
-		while (p->nidle == 0 && p->total >= conns)
+		while (p->nidle == 0 && p->total >= conns && !atomic_load(&p->shutdown))
 			pthread_cond_wait(&p->cond, &p->lock);
 		p->demand_waiting--;
 	} else {
-		while (p->demand_waiting || p->nidle + (conns - p->total) <= reserve)
+		while ((p->demand_waiting || p->nidle + (conns - p->total) <= reserve) &&
+		       !atomic_load(&p->shutdown))
 			pthread_cond_wait(&p->cond, &p->lock);
+	}
+	if (atomic_load(&p->shutdown)) {
+		pthread_mutex_unlock(&p->lock);
+		errno = ECANCELED;
+		return NULL;
 	}
 	if (p->nidle) {
 		h = p->idle[--p->nidle];
@@ -255,9 +274,20 @@ CURL *pool_acquire(struct fetch_pool *p, enum fetch_prio prio)
 		pthread_mutex_lock(&p->lock);
 		p->total--;
 		pthread_cond_broadcast(&p->cond);
+		errno = ENOMEM;
 	}
 	pthread_mutex_unlock(&p->lock);
 	return h;
+}
+
+void fetch_pool_shutdown(struct fetch_pool *p)
+{
+	if (!p)
+		return;
+	atomic_store(&p->shutdown, true);
+	pthread_mutex_lock(&p->lock);
+	pthread_cond_broadcast(&p->cond);
+	pthread_mutex_unlock(&p->lock);
 }
 
 void pool_release(struct fetch_pool *p, CURL *h, bool bad)

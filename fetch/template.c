@@ -226,7 +226,7 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 		} else {
 			CURL *h = pool_acquire(t->pool, prio);
 			if (!h)
-				return -ENOMEM;
+				return -errno;
 			uint64_t now = now_ns();
 			long timeout_ms = prio == FETCH_PRIO_DEMAND && deadline > now
 						  ? (long)((deadline - now) / 1000000) + 1
@@ -315,7 +315,7 @@ int fetch_probe(struct fetch_pool *p, const char *url, struct fetch_probe_result
 	struct http_reply reply;
 	CURL *h = pool_acquire(p, FETCH_PRIO_DEMAND);
 	if (!h)
-		return -ENOMEM;
+		return -errno;
 	r = http_range_get(p, h, url, NULL, NULL, 0, &b, 1, 0, 0,
 			   (long)p->opts.timeout_s * 1000, &reply);
 	pool_release(p, h, r < 0);

@@ -310,7 +310,9 @@ out_signals:
 out_unmount:
 	fuse_unmount(fuse);
 out_disks:
-	/* Stops every streamer and saves every disk's state. */
+	/* Stops every streamer and saves every disk's state; requests still
+	 * on the network are cancelled rather than waited for. */
+	fetch_pool_shutdown(m.pool);
 	mount_free_disks(&m);
 out:
 	if (fuse)

@@ -51,6 +51,13 @@ int fetch_pool_new(const struct fetch_opts *opts, struct fetch_pool **ret, char 
 		   size_t why_size) __attribute__((warn_unused_result));
 void fetch_pool_free(struct fetch_pool *p);
 
+/*
+ * Makes every request in progress or to come fail at once with
+ * -ECANCELED, so that unmount does not wait for a slow or stalled server.
+ * Any thread; irreversible.
+ */
+void fetch_pool_shutdown(struct fetch_pool *p);
+
 /* What a probe learns about a template. Strings owned; free with fetch_probe_clear. */
 struct fetch_probe_result {
 	uint64_t size;
