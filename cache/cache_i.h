@@ -76,6 +76,22 @@ int bitmap_load(struct bitmap *b, const uint8_t *bytes, size_t len)
 #define META_MANIFEST_MAX 1024u
 
 #define META_FLAG_COMPLETE 0x1u
+#define META_FLAG_MANIFEST 0x2u /* NAME.manifest holds per-chunk hashes */
+#define META_FLAGS_KNOWN (META_FLAG_COMPLETE | META_FLAG_MANIFEST)
+
+/*
+ * NAME.manifest, the disk's copy of its manifest, all little-endian:
+ *   0  char[8] magic "STRMFSMH"
+ *   8  u32 version (1)
+ *   12 u32 chunk size
+ *   16 u64 size
+ *   24 u64 chunks
+ *   32 u32 CRC-32C of bytes 0..31
+ *   36..63 zero
+ *   64 chunks * 32 bytes: SHA-256 per chunk, all-zero for a zero chunk
+ */
+#define MANIFEST_FILE_MAGIC "STRMFSMH"
+#define MANIFEST_FILE_HEADER 64u
 
 struct meta {
 	uint32_t version;

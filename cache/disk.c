@@ -22,6 +22,7 @@
 #include "common/cleanup.h"
 #include "disk_i.h"
 #include "log.h"
+#include "manifest.h"
 #include "util.h"
 
 /* At most this many bytes are fetched by one request of a demand read. */
@@ -51,9 +52,106 @@ static bool chunk_size_ok(uint64_t cs)
 	return cs >= CACHE_CHUNK_MIN && cs <= CACHE_CHUNK_MAX && !(cs & (cs - 1));
 }
 
+static void put_le32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void manifest_header(uint8_t *h, uint32_t chunk_size, uint64_t size, uint64_t chunks)
+{
+	memset(h, 0, MANIFEST_FILE_HEADER);
+	memcpy(h, MANIFEST_FILE_MAGIC, 8);
+	put_le32(h + 8, 1);
+	put_le32(h + 12, chunk_size);
+	put_le64(h + 16, size);
+	put_le64(h + 24, chunks);
+	put_le32(h + 32, meta_crc32c(h, 32));
+}
+
+/* Writes NAME.manifest (fsynced); removed again by the caller on failure. */
+static int manifest_file_write(int dirfd, const char *path, const struct manifest *mf)
+{
+	uint8_t h[MANIFEST_FILE_HEADER];
+	_cleanup_close_ int fd = openat(dirfd, path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	int r;
+
+	if (fd < 0)
+		return -errno;
+	manifest_header(h, mf->chunk_size, mf->size, mf->chunks);
+	r = full_pwrite(fd, h, sizeof(h), 0);
+	if (r >= 0)
+		r = full_pwrite(fd, mf->hashes, mf->chunks * MANIFEST_HASH_LEN, MANIFEST_FILE_HEADER);
+	if (r >= 0 && fsync(fd) < 0)
+		r = -errno;
+	return r;
+}
+
+/* Sets the bits of the manifest's zero chunks in a new metadata file. */
+static int preset_zero_chunks(int meta_fd, const struct manifest *mf)
+{
+	struct bitmap b;
+	int r = bitmap_init(&b, mf->chunks);
+
+	if (r < 0)
+		return r;
+	for (uint64_t i = 0; i < mf->chunks; i++)
+		if (manifest_chunk_is_zero(mf, i))
+			bitmap_set(&b, i);
+	r = full_pwrite(meta_fd, b.bits, bitmap_bytes(mf->chunks), META_BITMAP_OFFSET);
+	bitmap_destroy(&b);
+	return r;
+}
+
+/* Opens and checks NAME.manifest against the disk's metadata. */
+static int manifest_file_open(int dirfd, const char *name, const struct meta *m, char *why,
+			      size_t why_size)
+{
+	char path[DISK_NAME_MAX + 16];
+	uint8_t h[MANIFEST_FILE_HEADER], want[MANIFEST_FILE_HEADER];
+	struct stat st;
+	uint64_t chunks = meta_chunks(m);
+
+	if (name_path(path, sizeof(path), name, ".manifest") < 0)
+		return -ENAMETOOLONG;
+	_cleanup_close_ int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0) {
+		int e = errno;
+		snprintf(why, why_size, "cannot open manifest %s: %s", path, strerror(e));
+		return -e;
+	}
+	manifest_header(want, m->chunk_size, m->size, chunks);
+	if (full_pread(fd, h, sizeof(h), 0) < 0 || memcmp(h, want, sizeof(h)) ||
+	    fstat(fd, &st) < 0 ||
+	    (uint64_t)st.st_size != MANIFEST_FILE_HEADER + chunks * MANIFEST_HASH_LEN) {
+		snprintf(why, why_size, "manifest %s is corrupt or does not match the disk", path);
+		return -EBADMSG;
+	}
+	return steal_fd(fd);
+}
+
+/* The manifest's hash of chunk idx; 0, or -errno. */
+static int manifest_hash_of(const struct cache_disk *d, uint64_t idx, uint8_t *out)
+{
+	return full_pread(d->manifest_fd, out, MANIFEST_HASH_LEN,
+			  MANIFEST_FILE_HEADER + idx * MANIFEST_HASH_LEN);
+}
+
+bool cache_disk_has_manifest(const struct cache_disk *d)
+{
+	return d->manifest_fd >= 0;
+}
+
 int cache_disk_create(int dirfd, const char *name, const struct cache_disk_params *p)
 {
 	char img[DISK_NAME_MAX + 16], meta[DISK_NAME_MAX + 16], tmp[DISK_NAME_MAX + 32];
+	char man[DISK_NAME_MAX + 16];
 	uint8_t slot[META_SLOT_SIZE];
 	struct meta m = {0};
 	_cleanup_close_ int img_fd = -1;
@@ -65,8 +163,12 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 		return -EINVAL;
 	if (name_path(img, sizeof(img), name, ".img") < 0 ||
 	    name_path(meta, sizeof(meta), name, ".meta") < 0 ||
+	    name_path(man, sizeof(man), name, ".manifest") < 0 ||
 	    snprintf(tmp, sizeof(tmp), ".%s.meta.tmp", name) >= (int)sizeof(tmp))
 		return -ENAMETOOLONG;
+	if (p->manifest && (p->manifest->size != p->size ||
+			    p->manifest->chunk_size != p->chunk_size))
+		return -EINVAL;
 
 	m.version = META_VERSION;
 	m.size = p->size;
@@ -76,6 +178,8 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	m.etag = (char *)(p->etag ? p->etag : "");
 	m.last_modified = (char *)(p->last_modified ? p->last_modified : "");
 	m.manifest_url = (char *)(p->manifest_url ? p->manifest_url : "");
+	if (p->manifest)
+		m.flags |= META_FLAG_MANIFEST;
 	r = meta_encode(&m, slot);
 	if (r < 0)
 		return r;
@@ -98,12 +202,21 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	r = full_pwrite(meta_fd, slot, sizeof(slot), 0);
 	if (r >= 0 && ftruncate(meta_fd, (off_t)total) < 0)
 		r = -errno;
+	if (r >= 0 && p->manifest) {
+		/* Zero chunks are present from the start: the new image is
+		 * all holes there, so they are never fetched. */
+		r = manifest_file_write(dirfd, man, p->manifest);
+		if (r >= 0)
+			r = preset_zero_chunks(meta_fd, p->manifest);
+	}
 	if (r >= 0 && (fsync(meta_fd) < 0 || fsync(img_fd) < 0))
 		r = -errno;
 	if (r >= 0 && renameat2(dirfd, tmp, dirfd, meta, RENAME_NOREPLACE) < 0)
 		r = -errno;
 	if (r < 0) {
 		unlinkat(dirfd, tmp, 0);
+		if (p->manifest)
+			unlinkat(dirfd, man, 0);
 		goto fail_img;
 	}
 	if (fsync(dirfd) < 0 && errno != EINVAL)
@@ -139,7 +252,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	struct cache_disk *d = calloc(1, sizeof(*d));
 	if (!d)
 		return -ENOMEM;
-	d->img_fd = d->meta_fd = -1;
+	d->img_fd = d->meta_fd = d->manifest_fd = -1;
 	d->name = strdup(name);
 	if (!d->name) {
 		r = -ENOMEM;
@@ -170,6 +283,13 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		r = -EBADMSG;
 		goto fail;
 	}
+	if (d->meta.flags & META_FLAG_MANIFEST) {
+		d->manifest_fd = manifest_file_open(dirfd, name, &d->meta, why, why_size);
+		if (d->manifest_fd < 0) {
+			r = d->manifest_fd;
+			goto fail;
+		}
+	}
 	d->chunk_size = d->meta.chunk_size;
 	d->chunk_shift = (unsigned)__builtin_ctz(d->chunk_size);
 	d->nchunks = meta_chunks(&d->meta);
@@ -191,6 +311,8 @@ fail:
 		close(d->img_fd);
 	if (d->meta_fd >= 0)
 		close(d->meta_fd);
+	if (d->manifest_fd >= 0)
+		close(d->manifest_fd);
 	free(d->name);
 	free(d);
 	return r;
@@ -217,6 +339,8 @@ void cache_disk_free(struct cache_disk *d)
 	meta_clear(&d->meta);
 	close(d->img_fd);
 	close(d->meta_fd);
+	if (d->manifest_fd >= 0)
+		close(d->manifest_fd);
 	free(d->name);
 	free(d);
 }
@@ -379,12 +503,43 @@ static void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last,
 		       src_err[0] ? src_err : strerror(-r));
 }
 
+/*
+ * Checks the fetched chunks [a, b] in buf against the manifest.  Returns
+ * 0, -EILSEQ with *ret_bad set to the first mismatching chunk, or -errno.
+ */
+static int verify_run(struct cache_disk *d, const uint8_t *buf, uint64_t a, uint64_t b,
+		      uint64_t *ret_bad)
+{
+	uint8_t want[MANIFEST_HASH_LEN], got[MANIFEST_HASH_LEN];
+	int r;
+
+	if (d->manifest_fd < 0)
+		return 0;
+	for (uint64_t i = a; i <= b; i++) {
+		const uint8_t *chunk = buf + ((i - a) << d->chunk_shift);
+		uint64_t len = disk_chunk_len(d, i);
+		r = manifest_hash_of(d, i, want);
+		if (r < 0)
+			return r;
+		if (buf_is_zero(want, sizeof(want)))
+			r = buf_is_zero(chunk, len) ? 0 : -EILSEQ;
+		else if ((r = manifest_sha256(chunk, len, got)) == 0)
+			r = memcmp(want, got, sizeof(got)) ? -EILSEQ : 0;
+		if (r == -EILSEQ)
+			*ret_bad = i;
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
 /* Fetches chunks [a, b], all claimed by the caller, and finishes the claims. */
 static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
 		    const struct cache_fetch_hint *hint)
 {
 	uint64_t off = a << d->chunk_shift;
 	uint64_t len = ((b - a) << d->chunk_shift) + disk_chunk_len(d, b);
+	uint64_t bad = 0;
 	bool local = false;
 	void *buf = NULL;
 	int r;
@@ -396,7 +551,17 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	} else {
 		if (hint->prio == CACHE_PRIO_DEMAND)
 			atomic_fetch_add(&d->waiting, 1);
-		r = d->src.fetch_range(d->src.opaque, buf, len, off, hint);
+		/* A chunk that does not match the manifest is fetched once
+		 * more (a glitch on the way), then it is an error. */
+		for (int attempt = 0; attempt < 2; attempt++) {
+			r = d->src.fetch_range(d->src.opaque, buf, len, off, hint);
+			if (r >= 0)
+				r = verify_run(d, buf, a, b, &bad);
+			if (r != -EILSEQ)
+				break;
+			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
+				 bad, attempt ? "" : "; fetching it again");
+		}
 		if (hint->prio == CACHE_PRIO_DEMAND)
 			atomic_fetch_sub(&d->waiting, 1);
 		for (uint64_t i = a; r >= 0 && i <= b; i++) {
@@ -407,8 +572,14 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			stream_account(d, len);
 	}
 	free(buf);
-	if (r < 0)
+	if (r == -EILSEQ) {
+		disk_set_error(d, "chunk %" PRIu64 " (offset %" PRIu64 ") does not match the manifest",
+			       bad, bad << d->chunk_shift);
+		LOCK_GUARD(&d->lock);
+		d->failed = true;
+	} else if (r < 0) {
 		note_fill_error(d, a, b, r, local);
+	}
 
 	LOCK_GUARD(&d->lock);
 	for (uint64_t i = a; i <= b; i++)
@@ -752,4 +923,37 @@ void cache_disk_map(struct cache_disk *d, char *out, unsigned cells)
 			out[k] = (char)('0' + MIN(9u, (unsigned)DIV_ROUND_UP(have * 10, b - a)));
 	}
 	out[cells] = '\0';
+}
+
+int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint64_t *ret_checked)
+{
+	uint64_t checked = 0;
+	int64_t bad = 0;
+
+	if (d->manifest_fd < 0)
+		return -ENOENT;
+	_cleanup_free_ uint8_t *buf = malloc(d->chunk_size);
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < d->nchunks; i++) {
+		uint64_t mismatch;
+		pthread_mutex_lock(&d->lock);
+		bool present = bitmap_get(&d->present, i);
+		pthread_mutex_unlock(&d->lock);
+		if (!present)
+			continue;
+		int r = full_pread(d->img_fd, buf, disk_chunk_len(d, i), i << d->chunk_shift);
+		if (r >= 0)
+			r = verify_run(d, buf, i, i, &mismatch);
+		if (r == -EILSEQ) {
+			if ((size_t)bad < nout)
+				out[bad] = i << d->chunk_shift;
+			bad++;
+		} else if (r < 0) {
+			return r;
+		}
+		checked++;
+	}
+	*ret_checked = checked;
+	return bad;
 }

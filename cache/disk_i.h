@@ -66,6 +66,7 @@ struct cache_disk {
 	char *name;
 	int img_fd;
 	int meta_fd;
+	int manifest_fd;       /* NAME.manifest, or -1 */
 	uint64_t nchunks;
 	uint32_t chunk_size;   /* bytes, power of two */
 	unsigned chunk_shift;  /* log2(chunk_size) */

@@ -162,7 +162,7 @@ int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 	if (META_FIXED_SIZE + ul + el + ll + ml != total || ul == 0 || ul > META_URL_MAX ||
 	    el > META_ETAG_MAX || ll > META_LASTMOD_MAX || ml > META_MANIFEST_MAX)
 		return -EBADMSG;
-	if (m.size == 0 || !chunk_size_valid(m.chunk_size) || (m.flags & ~META_FLAG_COMPLETE))
+	if (m.size == 0 || !chunk_size_valid(m.chunk_size) || (m.flags & ~META_FLAGS_KNOWN))
 		return -EBADMSG;
 	const uint8_t *s = in + META_FIXED_SIZE;
 	if (memchr(s, '\0', total - META_FIXED_SIZE))

@@ -349,3 +349,104 @@ int fetch_probe(struct fetch_pool *p, const char *url, struct fetch_probe_result
 	*ret = res;
 	return 0;
 }
+
+struct doc {
+	char *buf;
+	size_t len, cap, max;
+	bool too_big;
+};
+
+static size_t doc_write_cb(char *data, size_t size, size_t n, void *opaque)
+{
+	struct doc *d = opaque;
+	size_t len = size * n;
+
+	if (len > d->max - d->len) {
+		d->too_big = true;
+		return 0;
+	}
+	if (d->len + len > d->cap) {
+		size_t cap = MAX(d->cap * 2, d->len + len);
+		char *b = realloc(d->buf, cap);
+		if (!b)
+			return 0;
+		d->buf = b;
+		d->cap = cap;
+	}
+	memcpy(d->buf + d->len, data, len);
+	d->len += len;
+	return len;
+}
+
+int fetch_document(struct fetch_pool *p, const char *url, size_t max_bytes, char **ret_buf,
+		   size_t *ret_len, char *why, size_t why_size)
+{
+	struct doc d = {.max = max_bytes};
+	_cleanup_free_ char *shown = url_redact(url);
+	int r = 0;
+
+	if (!shown)
+		return -ENOMEM;
+	if (!strncasecmp(url, "http://", 7) || !strncasecmp(url, "https://", 8)) {
+		char errbuf[CURL_ERROR_SIZE] = "";
+		CURL *h = pool_acquire(p, FETCH_PRIO_DEMAND);
+		if (!h)
+			return -errno;
+		struct curl_slist *hdrs = pool_headers(p, NULL, 0);
+		curl_easy_setopt(h, CURLOPT_URL, url);
+		curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+		curl_easy_setopt(h, CURLOPT_RANGE, NULL);
+		curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+		curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, NULL);
+		curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, doc_write_cb);
+		curl_easy_setopt(h, CURLOPT_WRITEDATA, &d);
+		curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
+		curl_easy_setopt(h, CURLOPT_TIMEOUT, (long)p->opts.timeout_s * 4);
+		CURLcode rc = curl_easy_perform(h);
+		long status = 0;
+		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+		curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
+		curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
+		curl_slist_free_all(hdrs);
+		pool_release(p, h, rc != CURLE_OK);
+		if (d.too_big) {
+			snprintf(why, why_size, "%s is larger than %zu bytes", shown, max_bytes);
+			r = -EFBIG;
+		} else if (rc != CURLE_OK) {
+			char reason[200];
+			r = http_curl_error(rc, errbuf, reason, sizeof(reason));
+			snprintf(why, why_size, "cannot fetch %s: %s", shown, reason);
+		} else if (status != 200) {
+			snprintf(why, why_size, "cannot fetch %s: HTTP %ld", shown, status);
+			r = status == 404 ? -ENOENT : -EIO;
+		}
+	} else {
+		_cleanup_free_ char *path = is_file_url(url) ? file_url_path(url) : strdup(url);
+		struct stat st;
+		if (!path) {
+			snprintf(why, why_size, "bad file URL %s", shown);
+			return -EINVAL;
+		}
+		_cleanup_close_ int fd = file_open(path, &st, why, why_size);
+		if (fd < 0)
+			return fd;
+		if ((uint64_t)st.st_size > max_bytes) {
+			snprintf(why, why_size, "%s is larger than %zu bytes", path, max_bytes);
+			return -EFBIG;
+		}
+		d.buf = malloc((size_t)st.st_size + 1);
+		if (!d.buf)
+			return -ENOMEM;
+		d.len = (size_t)st.st_size;
+		r = full_pread(fd, d.buf, d.len, 0);
+		if (r < 0)
+			snprintf(why, why_size, "cannot read %s: %s", path, strerror(-r));
+	}
+	if (r < 0) {
+		free(d.buf);
+		return r;
+	}
+	*ret_buf = d.buf ? d.buf : calloc(1, 1);
+	*ret_len = d.len;
+	return *ret_buf ? 0 : -ENOMEM;
+}

@@ -16,7 +16,56 @@
 #include "cache.h"
 #include "common/cleanup.h"
 #include "fs.h"
+#include "manifest.h"
 #include "util.h"
+
+/* Manifests above this size are refused (a 1 TiB disk at 1 MiB chunks needs 65 MiB). */
+#define MANIFEST_MAX_BYTES (512u << 20)
+
+/*
+ * Fetches and parses the manifest of p and checks it against the probed
+ * template; adopts its chunk size unless one was asked for.
+ */
+static int load_manifest(struct fetch_pool *pool, const struct fs_add_params *p,
+			 const struct fetch_probe_result *probe, uint64_t *cs, struct manifest *ret,
+			 char *why, size_t why_size)
+{
+	_cleanup_free_ char *shown = url_redact(p->manifest);
+	_cleanup_free_ char *text = NULL;
+	char reason[256];
+	size_t len;
+	int r;
+
+	if (!shown)
+		return -ENOMEM;
+	r = fetch_document(pool, p->manifest, MANIFEST_MAX_BYTES, &text, &len, reason,
+			   sizeof(reason));
+	if (r < 0) {
+		snprintf(why, why_size, "cannot use manifest: %s", reason);
+		return r;
+	}
+	r = manifest_parse(text, len, ret, reason, sizeof(reason));
+	if (r < 0) {
+		snprintf(why, why_size, "bad manifest %s: %s", shown, reason);
+		return r;
+	}
+	if (ret->size != probe->size) {
+		snprintf(why, why_size,
+			 "manifest %s describes %" PRIu64 " bytes but the template has %" PRIu64,
+			 shown, ret->size, probe->size);
+		manifest_clear(ret);
+		return -EINVAL;
+	}
+	if (p->chunk_size && p->chunk_size != ret->chunk_size) {
+		snprintf(why, why_size,
+			 "manifest %s uses chunk size %" PRIu32 ", not the %" PRIu64 " asked for",
+			 shown, ret->chunk_size, p->chunk_size);
+		manifest_clear(ret);
+		return -EINVAL;
+	}
+	*cs = ret->chunk_size;
+	return 0;
+}
 
 int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
 		const struct fs_add_params *p, char *why, size_t why_size)
@@ -63,6 +112,14 @@ int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
 		snprintf(why, why_size, "cannot use template %s: %s", shown, reason);
 		return r;
 	}
+	struct manifest mf = {0};
+	if (p->manifest) {
+		r = load_manifest(pool, p, &probe, &cs, &mf, why, why_size);
+		if (r < 0) {
+			fetch_probe_clear(&probe);
+			return r;
+		}
+	}
 	struct cache_disk_params cp = {
 		.url = p->url,
 		.etag = probe.etag,
@@ -71,9 +128,11 @@ int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
 		.size = probe.size,
 		.chunk_size = (uint32_t)cs,
 		.speed = p->speed,
+		.manifest = p->manifest ? &mf : NULL,
 	};
 	r = cache_disk_create(dirfd, p->name, &cp);
 	fetch_probe_clear(&probe);
+	manifest_clear(&mf);
 	if (r == -EEXIST)
 		snprintf(why, why_size, "disk '%s' already exists in %s", p->name, dir_shown);
 	else if (r == -ENAMETOOLONG)

@@ -204,11 +204,9 @@ int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi)
 
 	switch (c->verb) {
 	case CONTROL_ADD: {
-		if (c->manifest[0])
-			return reply(s, -EOPNOTSUPP,
-				     "error: add: manifests are not supported by this version\n");
 		struct fs_add_params p = {.name = c->name, .url = c->url,
-					  .chunk_size = c->chunk_size};
+					  .chunk_size = c->chunk_size,
+					  .manifest = c->manifest[0] ? c->manifest : NULL};
 		r = mount_add(m, &p, why, sizeof(why));
 		if (r < 0)
 			return reply(s, r == -EEXIST ? -EEXIST : -EINVAL, "error: add: %s\n", why);
@@ -259,11 +257,27 @@ int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi)
 		cache_disk_map(md->disk, map, (unsigned)c->number);
 		return reply(s, (int)size, "%s\n", map);
 	}
-	case CONTROL_VERIFY:
-		return reply(s, -EOPNOTSUPP,
-			     "error: verify: disk %s has no manifest (manifests are not supported by "
-			     "this version)\n",
-			     md->name);
+	case CONTROL_VERIFY: {
+		uint64_t bad_off[8], checked = 0;
+		int64_t bad = cache_disk_verify(md->disk, bad_off, ARRAY_SIZE(bad_off), &checked);
+		if (bad == -ENOENT)
+			return reply(s, -EINVAL, "error: verify: disk %s has no manifest\n", md->name);
+		if (bad < 0)
+			return reply(s, (int)bad, "error: verify: cannot read %s: %s\n", md->name,
+				     strerror((int)-bad));
+		if (bad == 0)
+			return reply(s, (int)size, "ok %" PRIu64 " chunks verified\n", checked);
+		char list[8 * 24] = "";
+		size_t used = 0;
+		for (size_t i = 0; i < MIN((size_t)bad, ARRAY_SIZE(bad_off)); i++)
+			used += (size_t)snprintf(list + used, sizeof(list) - used, " %" PRIu64,
+						 bad_off[i]);
+		log_warn("disk %s: %" PRId64 " present chunks differ from the manifest", md->name, bad);
+		return reply(s, -EIO,
+			     "error: verify: %" PRId64 " of %" PRIu64 " present chunks of %s differ "
+			     "from the manifest, at offsets%s%s\n",
+			     bad, checked, md->name, list, bad > (int64_t)ARRAY_SIZE(bad_off) ? " ..." : "");
+	}
 	}
 	return reply(s, -EINVAL, "error: unhandled command\n");
 }

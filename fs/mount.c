@@ -209,7 +209,7 @@ int mount_add(struct mount_ctx *m, const struct fs_add_params *p, char *why, siz
 	struct fs_add_params q = *p;
 	int r;
 
-	if (!q.chunk_size)
+	if (!q.chunk_size && !q.manifest) /* a manifest brings its own */
 		q.chunk_size = m->default_chunk;
 	if (m->opts.speed)
 		q.speed = m->speed;

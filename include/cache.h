@@ -54,6 +54,8 @@ struct cache_source {
 	void *opaque;
 };
 
+struct manifest;
+
 /* What is recorded at creation; strings are borrowed for the call. */
 struct cache_disk_params {
 	const char *url;           /* template URL, may carry credentials */
@@ -63,6 +65,9 @@ struct cache_disk_params {
 	uint64_t size;             /* template size in bytes, > 0 */
 	uint32_t chunk_size;       /* power of two, CACHE_CHUNK_MIN..MAX */
 	uint64_t speed;            /* streaming limit in bytes/s, 0 = none */
+	const struct manifest *manifest; /* NULL, or one matching size and chunk_size:
+					  * its zero chunks start present (holes) and
+					  * every fetched chunk is verified */
 };
 
 enum cache_state {
@@ -183,6 +188,19 @@ int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence);
  * present chunk shows).  Takes the disk lock for a bitmap walk.
  */
 void cache_disk_map(struct cache_disk *d, char *out, unsigned cells);
+
+/*
+ * Re-hashes every present chunk that the manifest describes and compares.
+ * Returns the number of mismatching chunks (>= 0) and writes up to nout
+ * of their offsets to out, -ENOENT when the disk has no manifest, or
+ * another -errno.  Reads the whole local image: slow, call from a thread
+ * that may block.
+ */
+int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout,
+			  uint64_t *ret_checked) __attribute__((warn_unused_result));
+
+/* True when the disk has a manifest. */
+bool cache_disk_has_manifest(const struct cache_disk *d);
 
 /* --- the streamer (cache/stream.c) --- */
 

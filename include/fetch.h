@@ -75,6 +75,14 @@ void fetch_probe_clear(struct fetch_probe_result *r);
 int fetch_probe(struct fetch_pool *p, const char *url, struct fetch_probe_result *ret,
 		char *ret_why, size_t why_size) __attribute__((warn_unused_result));
 
+/*
+ * Downloads a whole small document (a manifest): an http(s):// or file://
+ * URL, or a plain local path.  At most max_bytes.  Returns 0 and a buffer
+ * the caller frees, or -errno with a credential-free reason in why.
+ */
+int fetch_document(struct fetch_pool *p, const char *url, size_t max_bytes, char **ret_buf,
+		   size_t *ret_len, char *why, size_t why_size) __attribute__((warn_unused_result));
+
 struct fetch_template;
 
 enum fetch_prio {
