@@ -110,8 +110,11 @@ int manifest_parse(const char *text, size_t len, struct manifest *ret, char *why
 			}
 			m.chunk_size = (uint32_t)v;
 			m.chunks = DIV_ROUND_UP(m.size, v);
-			if (m.chunks > MANIFEST_MAX_CHUNKS) {
-				snprintf(why, why_size, "manifest describes too many chunks");
+			/* Each chunk line takes at least 5 bytes ("zero\n"): a
+			 * size the text cannot back is refused before allocating. */
+			if (m.chunks > MANIFEST_MAX_CHUNKS || m.chunks > (len - pos) / 4 + 1) {
+				snprintf(why, why_size, "line %" PRIu64 ": the manifest is too short for "
+					 "%" PRIu64 " chunks", lineno, m.chunks);
 				goto bad;
 			}
 			m.hashes = calloc(m.chunks, MANIFEST_HASH_LEN);

@@ -121,7 +121,7 @@ char *url_redact(const char *url)
 	memcpy(out + prefix, rest, restlen);
 	out[prefix + restlen] = '\0';
 	if (q)
-		strcat(out + prefix + restlen, "?<redacted>");
+		memcpy(out + prefix + restlen, "?<redacted>", sizeof("?<redacted>"));
 	return out;
 }
 
