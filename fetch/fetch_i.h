@@ -32,6 +32,9 @@ struct fetch_pool {
 	struct timespec hdr_mtime;  /* of header_file when last read */
 	uint64_t hdr_ino;
 	uint64_t hdr_size;
+
+	char *aws_key;    /* SigV4 access key id, owned; never logged */
+	char *aws_secret; /* SigV4 secret, owned; wiped on free */
 };
 
 /* What one attempt learned; filled by http_range_get / http_probe_once. */

@@ -112,6 +112,64 @@ static int headers_reload_locked(struct fetch_pool *p, char *why, size_t why_siz
 	return 0;
 }
 
+/*
+ * Reads an AWS-style credentials file: "aws_access_key_id = ..." and
+ * "aws_secret_access_key = ..." lines (the [default] profile, or the only
+ * keys present).  Refuses a file readable by group or others.
+ */
+static int aws_credentials_load(struct fetch_pool *p, const char *path, char *why,
+				size_t why_size)
+{
+	char line[1024];
+	struct stat st;
+
+	_cleanup_fclose_ FILE *f = fopen(path, "re");
+	if (!f || fstat(fileno(f), &st) < 0) {
+		int e = errno;
+		snprintf(why, why_size, "cannot read credentials file %s: %s", path, strerror(e));
+		return -e;
+	}
+	if (st.st_mode & 077) {
+		snprintf(why, why_size,
+			 "credentials file %s is readable by group or others (mode %03o); chmod 600 it",
+			 path, (unsigned)(st.st_mode & 0777));
+		return -EPERM;
+	}
+	bool in_other_profile = false;
+	while (fgets(line, sizeof(line), f)) {
+		char *s = line + strspn(line, " \t");
+		s[strcspn(s, "\r\n")] = '\0';
+		if (*s == '[') {
+			in_other_profile = strncmp(s, "[default]", 9) != 0;
+			continue;
+		}
+		if (in_other_profile || *s == '#' || *s == ';')
+			continue;
+		char *eq = strchr(s, '=');
+		if (!eq)
+			continue;
+		char *key = s, *val = eq + 1;
+		for (char *e = eq; e > key && (e[-1] == ' ' || e[-1] == '\t'); e--)
+			e[-1] = '\0';
+		*eq = '\0';
+		val += strspn(val, " \t");
+		char **dst = !strcmp(key, "aws_access_key_id") ? &p->aws_key :
+			     !strcmp(key, "aws_secret_access_key") ? &p->aws_secret : NULL;
+		if (dst) {
+			free(*dst);
+			*dst = strdup(val);
+			if (!*dst)
+				return -ENOMEM;
+		}
+	}
+	if (!p->aws_key || !p->aws_secret) {
+		snprintf(why, why_size,
+			 "credentials file %s lacks aws_access_key_id or aws_secret_access_key", path);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 int fetch_pool_new(const struct fetch_opts *opts, struct fetch_pool **ret, char *why,
 		   size_t why_size)
 {
@@ -132,6 +190,8 @@ int fetch_pool_new(const struct fetch_opts *opts, struct fetch_pool **ret, char 
 	p->opts.key = dup_opt(opts->key);
 	p->opts.proxy = dup_opt(opts->proxy);
 	p->opts.header_file = dup_opt(opts->header_file);
+	p->opts.aws_sigv4 = dup_opt(opts->aws_sigv4);
+	p->opts.aws_credentials = dup_opt(opts->aws_credentials);
 	if (!p->opts.timeout_s)
 		p->opts.timeout_s = FETCH_DEFAULT_TIMEOUT_S;
 	if (!p->opts.stall_s)
@@ -161,6 +221,18 @@ int fetch_pool_new(const struct fetch_opts *opts, struct fetch_pool **ret, char 
 			return r;
 		}
 	}
+	if (!!p->opts.aws_sigv4 != !!p->opts.aws_credentials) {
+		snprintf(why, why_size, "aws_sigv4 and aws_credentials go together");
+		fetch_pool_free(p);
+		return -EINVAL;
+	}
+	if (p->opts.aws_credentials) {
+		r = aws_credentials_load(p, p->opts.aws_credentials, why, why_size);
+		if (r < 0) {
+			fetch_pool_free(p);
+			return r;
+		}
+	}
 	if (p->opts.insecure)
 		log_warn("TLS certificate verification is off (-o insecure): "
 			 "templates may be served by anyone on the path");
@@ -184,6 +256,13 @@ void fetch_pool_free(struct fetch_pool *p)
 	free((char *)p->opts.key);
 	free((char *)p->opts.proxy);
 	free((char *)p->opts.header_file);
+	free((char *)p->opts.aws_sigv4);
+	free((char *)p->opts.aws_credentials);
+	free(p->aws_key);
+	if (p->aws_secret) {
+		explicit_bzero(p->aws_secret, strlen(p->aws_secret));
+		free(p->aws_secret);
+	}
 	for (unsigned i = 0; i < CURL_LOCK_DATA_LAST; i++)
 		pthread_mutex_destroy(&p->share_locks[i]);
 	pthread_mutex_destroy(&p->hdr_lock);
@@ -233,6 +312,11 @@ void pool_setup_handle(struct fetch_pool *p, CURL *h)
 		curl_easy_setopt(h, CURLOPT_SSLKEY, o->key);
 	if (o->proxy)
 		curl_easy_setopt(h, CURLOPT_PROXY, o->proxy);
+	if (o->aws_sigv4 && p->aws_key && p->aws_secret) {
+		curl_easy_setopt(h, CURLOPT_AWS_SIGV4, o->aws_sigv4);
+		curl_easy_setopt(h, CURLOPT_USERNAME, p->aws_key);
+		curl_easy_setopt(h, CURLOPT_PASSWORD, p->aws_secret);
+	}
 	if (o->insecure) {
 		curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 0L);
 		curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 0L);

@@ -32,6 +32,7 @@ struct mount_opts {
 	unsigned connections;
 	unsigned timeout;
 	char *cafile, *capath, *cert, *key, *proxy, *header_file;
+	char *aws_sigv4, *aws_credentials;
 	int insecure;
 	int readonly;
 	char *chunk_size;    /* default for new disks */

@@ -38,6 +38,8 @@ static const struct fuse_opt option_spec[] = {
 	OPT("key=%s", key, 0),
 	OPT("proxy=%s", proxy, 0),
 	OPT("header_file=%s", header_file, 0),
+	OPT("aws_sigv4=%s", aws_sigv4, 0),
+	OPT("aws_credentials=%s", aws_credentials, 0),
 	OPT("insecure", insecure, 1),
 	OPT("readonly", readonly, 1),
 	OPT("chunk_size=%s", chunk_size, 0),
@@ -78,6 +80,8 @@ static void usage(FILE *out)
 		"  header_file=FILE       extra HTTP headers, one 'Name: value' a line; must not be\n"
 		"                         readable by group or others; re-read when it changes\n"
 		"  proxy=URL              HTTP proxy\n"
+		"  aws_sigv4=aws:amz:REGION:s3  sign requests with AWS SigV4 (S3-compatible stores)\n"
+		"  aws_credentials=FILE   access key id and secret for aws_sigv4 (mode 600)\n"
 		"  debug=LIST             debug logs of fetch,cache,fs,stream or all\n"
 		"\n"
 		"FUSE options such as allow_other may be given with -o as well.\n"
@@ -124,6 +128,7 @@ static void opts_free(struct mount_opts *o)
 {
 	char **strs[] = {&o->image_dir, &o->mountpoint, &o->stream, &o->speed, &o->cafile,
 			 &o->capath, &o->cert, &o->key, &o->proxy, &o->header_file,
+			 &o->aws_sigv4, &o->aws_credentials,
 			 &o->chunk_size, &o->debug_subsys};
 	for (size_t i = 0; i < ARRAY_SIZE(strs); i++) {
 		free(*strs[i]);
@@ -253,6 +258,8 @@ int main(int argc, char **argv)
 		.key = m.opts.key,
 		.proxy = m.opts.proxy,
 		.header_file = m.opts.header_file,
+		.aws_sigv4 = m.opts.aws_sigv4,
+		.aws_credentials = m.opts.aws_credentials,
 		.insecure = m.opts.insecure,
 	};
 	r = fetch_pool_new(&fo, &m.pool, why, sizeof(why));

@@ -32,6 +32,8 @@ struct fetch_opts {
 	const char *key;        /* client key */
 	const char *proxy;
 	const char *header_file; /* extra headers, "Name: value" per line */
+	const char *aws_sigv4;  /* "aws:amz:REGION:s3": sign requests with SigV4 */
+	const char *aws_credentials; /* file with aws_access_key_id / aws_secret_access_key */
 	bool insecure;          /* skip TLS verification */
 };
 
@@ -43,7 +45,8 @@ struct fetch_pool;
 
 /*
  * Creates a pool.  Needs no network.  Fails with -EINVAL for bad options
- * and -EPERM when header_file is group- or world-readable (ret_why tells).
+ * and -EPERM when header_file or aws_credentials is group- or
+ * world-readable (ret_why tells).
  * Caller owns the pool; free with fetch_pool_free() after every template
  * made from it.
  */
