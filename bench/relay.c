@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -52,6 +53,8 @@
 #define RELAY_BACKLOG 512
 #define NSEC_PER_MSEC 1000000ull
 #define NSEC_PER_SEC 1000000000ull
+
+#define _wur_ __attribute__((warn_unused_result))
 
 struct relay_opts {
 	struct sockaddr_in listen_addr;
@@ -75,7 +78,6 @@ struct seg {
  */
 struct dir {
 	struct conn *conn;
-	const char *name;	/* for messages */
 	int src, dst;		/* borrowed from conn */
 	unsigned char *buf;	/* ring of window bytes */
 	struct seg *segs;	/* ring of RELAY_SEG_MAX */
@@ -104,11 +106,10 @@ struct conn {
 
 struct relay {
 	const struct relay_opts *opts;
-	pthread_mutex_t lock;	/* protects: conns, nconns, stopping; leaf lock */
+	pthread_mutex_t lock;	/* protects: conns, nconns; leaf lock */
 	pthread_cond_t idle;	/* signalled when nconns drops */
 	struct conn *conns;	/* guarded by lock */
 	size_t nconns;		/* guarded by lock */
-	bool stopping;		/* guarded by lock */
 	unsigned long next_id;	/* main thread only */
 };
 
@@ -191,7 +192,7 @@ static uint64_t dir_due_end(struct dir *d, uint64_t now)
  * Writes the bytes that are due.  Returns 1 if some were written, 0 if
  * none (nothing due, or dst full: can_write is then cleared), or -errno.
  */
-static int dir_send(struct dir *d, uint64_t now)
+static _wur_ int dir_send(struct dir *d, uint64_t now)
 {
 	size_t cap = d->conn->relay->opts->window;
 	uint64_t end = dir_due_end(d, now);
@@ -232,7 +233,7 @@ static int dir_send(struct dir *d, uint64_t now)
  * could be read (no room, or src drained: can_read is then cleared), or
  * -errno.
  */
-static int dir_recv(struct dir *d, uint64_t now)
+static _wur_ int dir_recv(struct dir *d, uint64_t now)
 {
 	const struct relay_opts *o = d->conn->relay->opts;
 	size_t cap = o->window;
@@ -295,7 +296,7 @@ static uint64_t dir_deadline(struct dir *d)
  * connection is aborted (-ECANCELED), or an I/O error (-errno).  Called
  * on the direction's own thread; touches only its own struct dir.
  */
-static int dir_run(struct dir *d)
+static _wur_ int dir_run(struct dir *d)
 {
 	struct conn *c = d->conn;
 
@@ -379,30 +380,39 @@ static void *dir_thread(void *arg)
 	return NULL;
 }
 
-static int dir_init(struct dir *d, struct conn *c, const char *name, int src,
-		    int dst)
+/* Sets up an idle direction of c; its fds are filled in once connected. */
+static _wur_ int dir_init(struct dir *d, struct conn *c)
 {
 	d->conn = c;
-	d->name = name;
-	d->src = src;
-	d->dst = dst;
+	d->src = -1;
+	d->dst = -1;
 	d->can_read = true;
 	d->can_write = true;
-	/* Untouched pages of an idle window stay unbacked. */
-	d->buf = malloc(c->relay->opts->window);
+	/*
+	 * mmap rather than malloc: pages an idle or slow connection never
+	 * touches stay unbacked, and munmap hands them back at close.
+	 */
+	d->buf = mmap(NULL, c->relay->opts->window, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (d->buf == MAP_FAILED) {
+		d->buf = NULL;
+		return -ENOMEM;
+	}
 	d->segs = calloc(RELAY_SEG_MAX, sizeof(*d->segs));
-	if (!d->buf || !d->segs)
+	if (!d->segs)
 		return -ENOMEM;
 	return 0;
 }
 
+/* Frees what dir_init() allocated; safe on a partly set up direction. */
 static void dir_fini(struct dir *d)
 {
-	free(d->buf);
+	if (d->buf)
+		munmap(d->buf, d->conn->relay->opts->window);
 	free(d->segs);
 }
 
-static int socket_tune(int fd)
+static _wur_ int socket_tune(int fd)
 {
 	int one = 1;
 
@@ -421,7 +431,7 @@ static void socket_set_reset(int fd)
 	(void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 }
 
-static int conn_connect_upstream(struct conn *c)
+static _wur_ int conn_connect_upstream(struct conn *c)
 {
 	int fd, r;
 
@@ -466,7 +476,9 @@ static void conn_report(struct conn *c, int err)
 
 	if (!c->relay->opts->stats && (err == 0 || err == -ECANCELED))
 		return;
-	if (err < 0)
+	if (err == -ECANCELED)
+		snprintf(why, sizeof(why), ", aborted");
+	else if (err < 0)
 		snprintf(why, sizeof(why), ", reset: %s", strerror(-err));
 	fprintf(stderr,
 		"relay: conn %lu closed after %.3f s: client->upstream %" PRIu64
@@ -474,7 +486,11 @@ static void conn_report(struct conn *c, int err)
 		c->id, secs, c->c2u.wr, c->u2c.wr, why);
 }
 
-/* Unlinks c from the relay and frees it; called by c's own thread last. */
+/*
+ * Unlinks c from the relay and frees it; the last thing c's own thread
+ * does.  nconns drops only once c is gone, so that relay_stop() returning
+ * means no connection still touches memory.
+ */
 static void conn_release(struct conn *c)
 {
 	struct relay *rl = c->relay;
@@ -486,13 +502,16 @@ static void conn_release(struct conn *c)
 		rl->conns = c->next;
 	if (c->next)
 		c->next->prev = c->prev;
+	pthread_mutex_unlock(&rl->lock);
+	conn_free(c);
+
+	pthread_mutex_lock(&rl->lock);
 	rl->nconns--;
 	pthread_cond_broadcast(&rl->idle);
 	pthread_mutex_unlock(&rl->lock);
-	conn_free(c);
 }
 
-static int thread_attr_init(pthread_attr_t *attr, bool detached)
+static _wur_ int thread_attr_init(pthread_attr_t *attr, bool detached)
 {
 	int r = pthread_attr_init(attr);
 
@@ -563,7 +582,7 @@ out:
  * Takes ownership of client_fd and starts its connection thread.
  * Main thread only.
  */
-static int relay_conn_start(struct relay *rl, int client_fd)
+static _wur_ int relay_conn_start(struct relay *rl, int client_fd)
 {
 	struct conn *c;
 	pthread_attr_t attr;
@@ -588,9 +607,9 @@ static int relay_conn_start(struct relay *rl, int client_fd)
 	}
 	r = socket_tune(client_fd);
 	if (r == 0)
-		r = dir_init(&c->c2u, c, "client->upstream", -1, -1);
+		r = dir_init(&c->c2u, c);
 	if (r == 0)
-		r = dir_init(&c->u2c, c, "upstream->client", -1, -1);
+		r = dir_init(&c->u2c, c);
 	if (r == 0)
 		r = thread_attr_init(&attr, true);
 	if (r < 0) {
@@ -620,7 +639,6 @@ static int relay_conn_start(struct relay *rl, int client_fd)
 static void relay_stop(struct relay *rl)
 {
 	pthread_mutex_lock(&rl->lock);
-	rl->stopping = true;
 	for (struct conn *c = rl->conns; c; c = c->next)
 		conn_abort(c);
 	while (rl->nconns > 0)
@@ -628,7 +646,7 @@ static void relay_stop(struct relay *rl)
 	pthread_mutex_unlock(&rl->lock);
 }
 
-static int parse_addr(const char *s, struct sockaddr_in *ret)
+static _wur_ int parse_addr(const char *s, struct sockaddr_in *ret)
 {
 	const char *colon = strrchr(s, ':');
 	char host[INET_ADDRSTRLEN];
@@ -657,7 +675,7 @@ static int parse_addr(const char *s, struct sockaddr_in *ret)
 }
 
 /* Parses "BYTES[k|m|g]" (binary units). */
-static int parse_size(const char *s, size_t *ret)
+static _wur_ int parse_size(const char *s, size_t *ret)
 {
 	unsigned long long v, mult = 1;
 	char *end;
@@ -689,7 +707,7 @@ static int parse_size(const char *s, size_t *ret)
 	return 0;
 }
 
-static int parse_delay(const char *s, uint64_t *ret)
+static _wur_ int parse_delay(const char *s, uint64_t *ret)
 {
 	double ms;
 	char *end;
@@ -703,7 +721,7 @@ static int parse_delay(const char *s, uint64_t *ret)
 }
 
 /* Writes "PORT\n" to path via a temporary file and rename(2). */
-static int write_port_file(const char *path, unsigned port)
+static _wur_ int write_port_file(const char *path, unsigned port)
 {
 	char *tmp = NULL;
 	char line[16];
@@ -730,7 +748,7 @@ out:
 	return r;
 }
 
-static int listen_open(const struct sockaddr_in *addr, unsigned *ret_port)
+static _wur_ int listen_open(const struct sockaddr_in *addr, unsigned *ret_port)
 {
 	struct sockaddr_in bound;
 	socklen_t blen = sizeof(bound);
@@ -752,7 +770,7 @@ static int listen_open(const struct sockaddr_in *addr, unsigned *ret_port)
 }
 
 /* Accepts until SIGINT/SIGTERM arrives on sig_fd.  Main thread only. */
-static int relay_serve(struct relay *rl, int listen_fd, int sig_fd)
+static _wur_ int relay_serve(struct relay *rl, int listen_fd, int sig_fd)
 {
 	for (;;) {
 		struct pollfd pfd[2] = {
@@ -833,11 +851,12 @@ int main(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct relay_opts o = {
+	/* Static: detached threads may outlive main()'s frame by a hair. */
+	static struct relay_opts o = {
 		.delay_ns = 10 * NSEC_PER_MSEC,
 		.window = 6u << 20,
 	};
-	struct relay rl = {
+	static struct relay rl = {
 		.opts = &o,
 		.lock = PTHREAD_MUTEX_INITIALIZER,
 		.idle = PTHREAD_COND_INITIALIZER,
