@@ -210,11 +210,14 @@ static void *stream_worker(void *opaque)
 			st->cursor = MIN(st->cursor, (uint64_t)idx);
 		} else {
 			/* The source already retried; back off with jitter and
-			 * resume by ourselves when the template answers again. */
-			st->backoff_ns = st->backoff_ns ? MIN(st->backoff_ns * 2, BACKOFF_MAX_NS)
-							: BACKOFF_MIN_NS;
-			uint64_t jitter = (uint64_t)rand() % (st->backoff_ns / 2 + 1);
-			st->backoff_until = now_ns() + st->backoff_ns / 2 + jitter;
+			 * resume by ourselves when the template answers again.
+			 * Workers failing together step the back-off once. */
+			if (now_ns() >= st->backoff_until) {
+				st->backoff_ns = st->backoff_ns ? MIN(st->backoff_ns * 2, BACKOFF_MAX_NS)
+								: BACKOFF_MIN_NS;
+				uint64_t jitter = (uint64_t)rand() % (st->backoff_ns / 2 + 1);
+				st->backoff_until = now_ns() + st->backoff_ns / 2 + jitter;
+			}
 			st->cursor = MIN(st->cursor, (uint64_t)idx);
 			log_warn("disk %s: streaming chunk %" PRId64 " failed (%s); retrying in %.1f s",
 				 d->name, idx, strerror(-r),

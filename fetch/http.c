@@ -29,8 +29,37 @@ struct xfer {
 	size_t dropped;   /* bytes of an error body dropped */
 	bool overflow;    /* the body was longer than asked */
 	bool not_partial; /* the status was not 206 */
+	bool stalled;     /* aborted: no byte for stall_s */
+	struct fetch_pool *pool;
+	uint64_t last_ns;  /* when the received count last grew (or the start) */
+	curl_off_t last_now;
 	struct http_reply *reply;
 };
+
+/*
+ * Called by curl about once a second and on progress.  Aborts a transfer
+ * that received nothing for stall_s seconds (curl's LOW_SPEED options
+ * average over a window and notice a stall only seconds later), and every
+ * transfer once the pool shuts down.
+ */
+static int xfer_progress_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow,
+			    curl_off_t ultotal, curl_off_t ulnow)
+{
+	struct xfer *x = opaque;
+	uint64_t now = now_ns();
+
+	(void)dltotal, (void)ultotal, (void)ulnow;
+	if (atomic_load(&x->pool->shutdown))
+		return 1;
+	if (dlnow != x->last_now) {
+		x->last_now = dlnow;
+		x->last_ns = now;
+	} else if (now - x->last_ns > (uint64_t)x->pool->opts.stall_s * 1000000000ull) {
+		x->stalled = true;
+		return 1;
+	}
+	return 0;
+}
 
 static void copy_value(char *dst, size_t n, const char *v, size_t vlen)
 {
@@ -184,7 +213,8 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	char errbuf[CURL_ERROR_SIZE] = "";
 	const char *extra[1];
 	size_t nextra = 0;
-	struct xfer x = {.h = h, .buf = buf, .len = len, .reply = ret};
+	struct xfer x = {.h = h, .buf = buf, .len = len, .reply = ret, .pool = p,
+			 .last_ns = now_ns()};
 	int r;
 
 	memset(ret, 0, sizeof(*ret));
@@ -215,10 +245,18 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
 	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 0L);
 	curl_easy_setopt(h, CURLOPT_MAX_RECV_SPEED_LARGE, (curl_off_t)max_rate);
+	curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, xfer_progress_cb);
+	curl_easy_setopt(h, CURLOPT_XFERINFODATA, &x);
+	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
 	CURLcode rc = curl_easy_perform(h);
 	curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &ret->status);
+	/* The handle outlives this frame: leave no pointer into it. */
 	curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
+	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 1L);
+	curl_easy_setopt(h, CURLOPT_XFERINFODATA, NULL);
+	curl_easy_setopt(h, CURLOPT_HEADERDATA, NULL);
+	curl_easy_setopt(h, CURLOPT_WRITEDATA, NULL);
 	curl_slist_free_all(hdrs);
 
 	if (ret->status && ret->status != 206)
@@ -226,6 +264,11 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	if (x.overflow) {
 		snprintf(ret->why, sizeof(ret->why), "response body longer than the range asked for");
 		return -EPROTO;
+	}
+	if (x.stalled) {
+		snprintf(ret->why, sizeof(ret->why), "transfer stalled: no data for %u s",
+			 p->opts.stall_s);
+		return -ETIMEDOUT;
 	}
 	if (rc != CURLE_OK)
 		return http_curl_error(rc, errbuf, ret->why, sizeof(ret->why));

@@ -271,16 +271,6 @@ void fetch_pool_free(struct fetch_pool *p)
 	free(p);
 }
 
-/* Aborts transfers once the pool is shut down (curl calls it about once a second and on progress). */
-static int pool_progress_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
-			    curl_off_t ulnow)
-{
-	struct fetch_pool *p = opaque;
-
-	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-	return atomic_load(&p->shutdown) ? 1 : 0;
-}
-
 void pool_setup_handle(struct fetch_pool *p, CURL *h)
 {
 	const struct fetch_opts *o = &p->opts;
@@ -294,14 +284,9 @@ void pool_setup_handle(struct fetch_pool *p, CURL *h)
 	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
 	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
-	curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-	curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, (long)o->stall_s);
 	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
 	curl_easy_setopt(h, CURLOPT_BUFFERSIZE, 512L * 1024);
-	curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, pool_progress_cb);
-	curl_easy_setopt(h, CURLOPT_XFERINFODATA, p);
-	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
 	if (o->cafile)
 		curl_easy_setopt(h, CURLOPT_CAINFO, o->cafile);
 	if (o->capath)

@@ -398,15 +398,19 @@ int fetch_document(struct fetch_pool *p, const char *url, size_t max_bytes, char
 		curl_easy_setopt(h, CURLOPT_RANGE, NULL);
 		curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
 		curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, NULL);
+		curl_easy_setopt(h, CURLOPT_HEADERDATA, NULL);
 		curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, doc_write_cb);
 		curl_easy_setopt(h, CURLOPT_WRITEDATA, &d);
 		curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
 		curl_easy_setopt(h, CURLOPT_TIMEOUT, (long)p->opts.timeout_s * 4);
+		curl_easy_setopt(h, CURLOPT_NOPROGRESS, 1L);
 		CURLcode rc = curl_easy_perform(h);
 		long status = 0;
 		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
 		curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
 		curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
+		curl_easy_setopt(h, CURLOPT_WRITEDATA, NULL);
+		curl_easy_setopt(h, CURLOPT_TIMEOUT, 0L);
 		curl_slist_free_all(hdrs);
 		pool_release(p, h, rc != CURLE_OK);
 		if (d.too_big) {

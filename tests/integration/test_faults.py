@@ -1,0 +1,748 @@
+# SPDX-License-Identifier: MIT
+"""Fault integration tests: a real streamfs mount against tests/faultserver.py,
+one test per injected fault (refused connections, resets, short bodies,
+stalls, 5xx/429, ignored and wrong ranges, a changed template size or ETag,
+a persistent outage, and the streamer resuming by itself).
+
+Each test checks that the bytes read through the mount equal the template's,
+and asserts on what streamfs asked for, from the server's JSON request log.
+
+Run: python3 tests/integration/test_faults.py [test_name...]
+(meson: meson test -C build --suite integration -v)
+"""
+
+import errno
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import harness as h
+from harness import KiB, MiB, fail
+
+FAULTSERVER = os.path.join(h.SRC, "tests", "faultserver.py")
+CHUNK = MiB
+SIZE = 4 * MiB + 4097          # five chunks, the last one short
+
+_ws = None
+
+
+def ws():
+    global _ws
+    if _ws is None:
+        _ws = h.Workspace()
+    return _ws
+
+
+def template(name, size=SIZE):
+    return ws().template(name, size)
+
+
+def image_dir():
+    return ws().mkdir("images", unique=True)
+
+
+# ---------------------------------------------------------------------------
+# The fault server
+# ---------------------------------------------------------------------------
+
+class FaultServer:
+    """tests/faultserver.py serving the workspace's www/ on an ephemeral
+    port, with its JSON request log.  Stopped by PID (SIGTERM, then SIGKILL)
+    at the end of the test."""
+
+    def __init__(self, w):
+        self.dir = w.mkdir("faultserver", unique=True)
+        self.root = w.www
+        self.port_file = os.path.join(self.dir, "port")
+        self.log_path = os.path.join(self.dir, "requests.jsonl")
+        self.stderr_path = os.path.join(self.dir, "stderr")
+        self.proc = None
+        self.port = None
+        self._mark = 0
+        self._cleanup = None
+
+    def start(self):
+        if self.proc is not None:
+            fail("faultserver already running")
+        try:
+            os.unlink(self.port_file)
+        except FileNotFoundError:
+            pass
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, FAULTSERVER, "--root", self.root,
+                 "--port-file", self.port_file, "--log", self.log_path],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        self._cleanup = h.defer(self.stop, "faultserver")
+        deadline = time.monotonic() + h.SERVER_TIMEOUT
+        while True:
+            try:
+                with open(self.port_file) as f:
+                    text = f.read().strip()
+                if text.isdigit():
+                    self.port = int(text)
+                    break
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                fail(f"faultserver did not start:\n{self._stderr()}")
+            time.sleep(0.02)
+        if not h.wait_port(self.port, self.proc):
+            fail(f"faultserver does not answer on port {self.port}:\n{self._stderr()}")
+        return self
+
+    def _stderr(self):
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if self._cleanup:
+            h.cancel(self._cleanup)
+            self._cleanup = None
+        proc.send_signal(signal.SIGTERM)
+        if h.wait_for_pid_exit(proc, h.SERVER_TIMEOUT) is None:
+            proc.kill()
+            proc.wait()
+            fail("faultserver ignored SIGTERM")
+        if proc.returncode != 0:
+            fail(f"faultserver exited {proc.returncode}:\n{self._stderr()}")
+
+    def __enter__(self):
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    # --- rules ---
+
+    def _control(self, method, body=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/_fault", data=body,
+                                     method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read().decode())
+
+    def set_rules(self, rules):
+        """Replaces every rule; each rule is a dict as in the faultserver
+        docstring."""
+        return self._control("POST", json.dumps(rules).encode())
+
+    def clear(self):
+        self.set_rules([])
+
+    def rules(self):
+        return self._control("GET")
+
+    # --- request log ---
+
+    def _read_log(self):
+        try:
+            with open(self.log_path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _settle(self, settle):
+        # A line is written after the last body byte: the client may have
+        # its bytes first.  Wait until the log stops growing.
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            n = len(self._read_log())
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                return
+            time.sleep(0.05)
+
+    def mark(self, settle=0.3):
+        """Forgets every request logged so far."""
+        self._settle(settle)
+        self._mark = len(self._read_log())
+
+    def records(self, path=None, settle=0.3):
+        """Requests logged since the last mark(), oldest first, as dicts;
+        only those for URL path `path` when given."""
+        if settle:
+            self._settle(settle)
+        out = []
+        for line in self._read_log()[self._mark:].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                fail(f"unparsable faultserver log line: {line!r}")
+            if path is None or rec["path"] == path:
+                out.append(rec)
+        return out
+
+
+def rule(fault, t, **kw):
+    """A rule for GETs of template t."""
+    return {"fault": fault, "path": "/" + t.name, "method": "GET", **kw}
+
+
+def rec_range(rec):
+    """(first, last) inclusive of a record's Range header, or None."""
+    m = h.RANGE_RE.match(rec.get("range") or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def show(recs):
+    return "\n".join(
+        f"  {r['method']} {r['path']} range={r['range']} status={r['status']} "
+        f"bytes={r['bytes']} fault={r['fault']} if_match={r['if_match']} t={r['time']}"
+        for r in recs)
+
+
+def is_good_fetch(rec):
+    """A clean 206 whose body is the whole range asked for."""
+    br = rec_range(rec)
+    return (rec["fault"] is None and rec["status"] == 206 and br is not None
+            and rec["bytes"] == br[1] - br[0] + 1)
+
+
+def check_validator_sent(recs, want=None):
+    """Every request carries one and the same If-Match (the ETag recorded
+    at add); returns it."""
+    tags = {r["if_match"] for r in recs}
+    if None in tags or len(tags) != 1 or (want is not None and tags != {want}):
+        fail(f"requests do not all carry the recorded validator"
+             f"{f' {want}' if want else ''} in If-Match:\n{show(recs)}")
+    return tags.pop()
+
+
+def touching(recs, off, length):
+    """The records whose Range overlaps [off, off+length)."""
+    out = []
+    for r in recs:
+        br = rec_range(r)
+        if br is not None and br[0] < off + length and br[1] >= off:
+            out.append(r)
+    return out
+
+
+def check_fault_then_success(recs, fault, n, off, length, what):
+    """Of the requests for the chunks holding [off, off+length), the first n
+    were hit by `fault`, and then clean 206s covered the read.  Any request
+    for other chunks (read-ahead) must be clean too; every request is a
+    chunk-aligned range GET carrying the same If-Match."""
+    for r in recs:
+        if r["method"] != "GET" or rec_range(r) is None:
+            fail(f"{what}: not a simple range GET:\n{show(recs)}")
+    h.check_chunk_aligned([rec_range(r) for r in recs], CHUNK, SIZE)
+    check_validator_sent(recs)
+    mine = touching(recs, off, length)
+    hit = [r for r in recs if r["fault"] == fault]
+    if len(hit) != n:
+        fail(f"{what}: expected {n} request(s) hit by {fault}, got {len(hit)}:\n{show(recs)}")
+    if mine[:n] != hit:
+        fail(f"{what}: the first requests for the chunk(s) read are not the {n} faulty "
+             f"ones:\n{show(recs)}")
+    good = [rec_range(r) for r in mine[n:] if is_good_fetch(r)]
+    if not h.covered(good, off, off + length - 1):
+        fail(f"{what}: no clean 206 after the fault covers {off}-{off + length - 1}:\n"
+             f"{show(recs)}")
+    others = [r for r in recs if r not in hit]
+    if not all(is_good_fetch(r) for r in others):
+        fail(f"{what}: a request besides the {n} faulty ones was not a clean 206:\n"
+             f"{show(recs)}")
+    ranges = [rec_range(r) for r in others]
+    if h.overlapping(ranges):
+        fail(f"{what}: a chunk was fetched twice after the retry succeeded:\n{show(recs)}")
+
+
+def good_bytes(recs):
+    return sum(r["bytes"] for r in recs if is_good_fetch(r))
+
+
+# ---------------------------------------------------------------------------
+# Reading and inspecting disks
+# ---------------------------------------------------------------------------
+
+def expect_equal(what, got, want):
+    if got != want:
+        i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b),
+                 min(len(got), len(want)))
+        fail(f"{what}: {len(got)} bytes differ from the expected {len(want)} "
+             f"(first difference at byte {i})")
+
+
+def pread_direct(path, off, length):
+    """Reads with O_DIRECT (page-aligned buffer), so the daemon serves the
+    read rather than the page cache.  off and length: multiples of 4096."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)
+        try:
+            got = 0
+            while got < length:
+                with memoryview(buf) as whole, whole[got:] as view:
+                    n = os.preadv(fd, [view], off + got)
+                if n == 0:
+                    break
+                got += n
+            return bytes(buf[:got])
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+class ReadInThread:
+    """pread in a daemon thread, so a hung read cannot hang the test."""
+
+    def __init__(self, path, off, length, direct=False):
+        self.result = self.error = self.elapsed = None
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(path, off, length, direct),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, path, off, length, direct):
+        try:
+            if direct:
+                self.result = pread_direct(path, off, length)
+            else:
+                self.result = h.pread_all(path, off, length)
+        except OSError as e:
+            self.error = e
+        self.elapsed = time.monotonic() - self.t0
+
+    def join(self, timeout, what):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            fail(f"{what}: the read did not return within {timeout} s")
+        return self
+
+
+def read_ok(m, name, t, off, length, what, timeout=40, direct=True):
+    """A read through the mount that must return the template's bytes.  By
+    default with O_DIRECT: one FUSE read per call (<= 128 KiB), no page
+    cache, no kernel read-ahead."""
+    rd = ReadInThread(m.path(name), off, length, direct=direct).join(timeout, what)
+    if rd.error is not None:
+        fail(f"{what}: read of {length} bytes at {off} failed after {rd.elapsed:.1f} s: "
+             f"{rd.error!r}\nstderr:\n{m.stderr()}")
+    expect_equal(what, rd.result, t.read(off, length))
+    return rd.elapsed
+
+
+def read_eio(m, name, off, length, what, timeout=40):
+    rd = ReadInThread(m.path(name), off, length, direct=True).join(timeout, what)
+    if rd.error is None:
+        fail(f"{what}: the read returned {len(rd.result)} bytes, expected EIO")
+    if rd.error.errno != errno.EIO:
+        fail(f"{what}: the read failed with {rd.error!r}, expected EIO")
+    return rd.elapsed
+
+
+def xattr(path, name):
+    return os.getxattr(path, "user.streamfs." + name).decode()
+
+
+def xattrs(path):
+    return {n: xattr(path, n) for n in ("state", "error", "errors", "fetched", "cached")}
+
+
+def image_bytes(img, name, off, length):
+    with open(os.path.join(img, name + ".img"), "rb") as f:
+        f.seek(off)
+        return f.read(length)
+
+
+def check_image_region(img, name, t, off, length, what):
+    """After unmount: the local image holds the template's bytes there."""
+    expect_equal(f"{what}: local image {name}.img", image_bytes(img, name, off, length),
+                 t.read(off, length))
+
+
+def check_image_zero(img, name, off, length, what):
+    """After unmount: nothing was stored there (zeros / holes)."""
+    data = image_bytes(img, name, off, length)
+    if data.count(0) != len(data):
+        i = next(k for k, b in enumerate(data) if b)
+        fail(f"{what}: local image {name}.img has data at byte {off + i} of a region "
+             "that was never fetched successfully")
+
+
+def control(m, cmd):
+    """Writes one command to MNT/.control; returns the reply."""
+    fd = os.open(m.path(".control"), os.O_RDWR)
+    try:
+        os.write(fd, cmd.encode())
+        return os.pread(fd, 65536, 0).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def setup(name, tname=None, size=SIZE):
+    """A template, a fault server and a disk NAME added from it; the log is
+    marked after the add's probe."""
+    t = template(tname or f"f-{name}.img", size)
+    srv = FaultServer(ws()).start()
+    img = image_dir()
+    h.ctl_add(img, name, srv.url(t.name), chunk_size="1M")
+    srv.mark()
+    return t, srv, img
+
+
+# Daemon stderr lines each test may show (Mount(allow=...)).
+TEMPLATE_CHANGED = [r"template changed", r"template size changed"]
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+def test_refuse_retried():
+    t, srv, img = setup("refuse")
+    off, length = 1 * MiB + 4096, 128 * KiB
+    srv.set_rules([rule("refuse", t, count=2)])
+    with h.Mount(ws(), img) as m:
+        read_ok(m, "refuse", t, off, length, "read with two refused connections")
+        x = xattrs(m.path("refuse"))
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "refuse", 2, off, length, "refuse")
+        if int(x["errors"]) < 2:
+            fail(f"user.streamfs.errors is {x['errors']} after two refused connections")
+        if x["error"]:
+            fail(f"user.streamfs.error is {x['error']!r} after the retry succeeded")
+        if x["state"] != "idle":
+            fail(f"state {x['state']!r} after a retried read, expected idle")
+        if int(x["fetched"]) != good_bytes(recs):
+            fail(f"user.streamfs.fetched is {x['fetched']}, the server sent "
+                 f"{good_bytes(recs)} bytes in clean 206s:\n{show(recs)}")
+        h.log(f"refuse x2: {len(recs)} requests, xattrs {x}")
+    check_image_region(img, "refuse", t, CHUNK, CHUNK, "refuse")
+
+
+def test_reset_mid_body_retried():
+    t, srv, img = setup("reset")
+    off, length = 2 * MiB + 100, 100 * KiB
+    srv.set_rules([rule("reset_mid_body", t, count=2, after_bytes=64 * KiB)])
+    with h.Mount(ws(), img) as m:
+        read_ok(m, "reset", t, off, length, "read with two connections reset mid-body")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "reset_mid_body", 2, off, length, "reset_mid_body")
+        for r in recs[:2]:
+            if r["bytes"] != 64 * KiB or r["status"] != 206:
+                fail(f"the reset responses are not 206 + 64 KiB:\n{show(recs)}")
+        if int(xattr(m.path("reset"), "errors")) < 2:
+            fail("user.streamfs.errors < 2 after two resets")
+    check_image_region(img, "reset", t, 2 * MiB, CHUNK, "reset_mid_body")
+    check_image_zero(img, "reset", 0, 2 * MiB, "reset_mid_body")
+
+
+def test_short_body_never_stored():
+    t, srv, img = setup("short")
+    off, length = 3 * MiB, 128 * KiB
+    srv.set_rules([rule("short_body", t, count=2, after_bytes=100000)])
+    with h.Mount(ws(), img) as m:
+        read_ok(m, "short", t, off, length, "read with two short bodies")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "short_body", 2, off, length, "short_body")
+        for r in recs[:2]:
+            if r["bytes"] != 100000:
+                fail(f"short_body responses sent {r['bytes']} bytes, expected 100000:\n"
+                     f"{show(recs)}")
+    srv.stop()
+    check_image_region(img, "short", t, 3 * MiB, CHUNK, "short_body")
+    # The server is gone: only what was stored can be served.
+    with h.Mount(ws(), img, opts=("stream=manual", "timeout=2")) as m:
+        again = pread_direct(m.path("short"), off, length)
+        expect_equal("re-read after remount with the server stopped", again,
+                     t.read(off, length))
+        state = xattr(m.path("short"), "state")
+        if state != "idle":
+            fail(f"state {state!r} after remount, expected idle")
+
+
+def test_stall_aborted_and_retried():
+    # No body byte for 30 s after the first 1000: the transfer must be
+    # abandoned after the stall timeout (10 s without a byte, FETCH_DEFAULT_STALL_S)
+    # and retried on a new connection, well within the demand timeout (30 s).
+    t, srv, img = setup("stall")
+    off, length = 1 * MiB, 128 * KiB
+    srv.set_rules([rule("stall", t, count=1, after_bytes=1000, seconds=30)])
+    with h.Mount(ws(), img) as m:
+        elapsed = read_ok(m, "stall", t, off, length, "read with a stalled response",
+                          timeout=40)
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "stall", 1, off, length, "stall")
+        if recs[0]["bytes"] != 1000:
+            fail(f"the stalled response sent {recs[0]['bytes']} bytes:\n{show(recs)}")
+        if recs[1]["client_port"] == recs[0]["client_port"]:
+            fail(f"the retry reused the stalled connection:\n{show(recs)}")
+        gap = recs[1]["time"] - recs[0]["time"]
+        h.log(f"stalled response abandoned after {gap:.1f} s; the read took {elapsed:.1f} s")
+        if elapsed > 15:
+            fail(f"a read whose first response stalled after 1000 bytes took {elapsed:.1f} s "
+                 f"(the retry went out {gap:.1f} s after the stalled request): with a 10 s "
+                 "stall timeout it should complete within ~15 s")
+    check_image_region(img, "stall", t, CHUNK, CHUNK, "stall")
+    srv.stop()  # wakes the stalled handler
+
+
+def test_status_5xx_429_retried():
+    t, srv, img = setup("status")
+    with h.Mount(ws(), img) as m:
+        # 503 with Retry-After: 1 -> each retry waits at least a second.
+        off = 1 * MiB + 8192
+        srv.set_rules([rule("status", t, count=2, status=503, retry_after=1)])
+        read_ok(m, "status", t, off, 64 * KiB, "read after two 503 Retry-After: 1")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "status", 2, off, 64 * KiB, "503 Retry-After")
+        if any(r["status"] != 503 for r in recs[:2]):
+            fail(f"expected two 503s first:\n{show(recs)}")
+        gaps = [b["time"] - a["time"] for a, b in zip(recs, recs[1:3])]
+        if min(gaps) < 0.95:
+            fail(f"a retry after '503 Retry-After: 1' came after {min(gaps):.3f} s, "
+                 f"expected >= 1 s:\n{show(recs)}")
+        h.log(f"503 Retry-After: 1: retries after {', '.join(f'{g:.2f}' for g in gaps)} s")
+
+        # Plain 500, three times.
+        srv.mark()
+        off = 2 * MiB + 5
+        srv.set_rules([rule("status", t, count=3, status=500)])
+        read_ok(m, "status", t, off, 64 * KiB, "read after three 500s")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "status", 3, off, 64 * KiB, "500")
+        if any(r["status"] != 500 for r in recs[:3]):
+            fail(f"expected three 500s first:\n{show(recs)}")
+
+        # 429 Too Many Requests.
+        srv.mark()
+        off = 3 * MiB + 77
+        srv.set_rules([rule("status", t, count=1, status=429)])
+        read_ok(m, "status", t, off, 64 * KiB, "read after a 429")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "status", 1, off, 64 * KiB, "429")
+        if recs[0]["status"] != 429:
+            fail(f"expected a 429 first:\n{show(recs)}")
+
+        x = xattrs(m.path("status"))
+        if int(x["errors"]) < 6:
+            fail(f"user.streamfs.errors is {x['errors']} after six failed responses")
+        if x["state"] != "idle" or x["error"]:
+            fail(f"after retried reads: state {x['state']!r}, error {x['error']!r}")
+    for c in (1, 2, 3):
+        check_image_region(img, "status", t, c * CHUNK, CHUNK, "status")
+
+
+def test_ignore_range_never_stored():
+    t, srv, img = setup("norange")
+    off, length = 1 * MiB + 12345, 100 * KiB
+    srv.set_rules([rule("ignore_range", t, count=1)])
+    with h.Mount(ws(), img) as m:
+        read_ok(m, "norange", t, off, length, "read after a 200 that ignored Range")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "ignore_range", 1, off, length, "ignore_range")
+        if recs[0]["status"] != 200:
+            fail(f"the ignore_range response was not a 200:\n{show(recs)}")
+    check_image_region(img, "norange", t, CHUNK, CHUNK, "ignore_range")
+    check_image_zero(img, "norange", 0, CHUNK, "ignore_range")
+    check_image_zero(img, "norange", 2 * CHUNK, t.size - 2 * CHUNK, "ignore_range")
+
+    # A server that ignores ranges for good is refused at add.
+    srv.set_rules([rule("ignore_range", t)])
+    img2 = image_dir()
+    rc, out, err = h.ctl("add", img2, "never", srv.url(t.name))
+    lines = err.splitlines()
+    if rc == 0 or len(lines) != 1 or "range" not in lines[0].lower():
+        fail(f"add from a server ignoring Range: rc {rc}, stderr {err!r}; expected a "
+             "non-zero exit and one line about ranges")
+    if os.listdir(img2):
+        fail(f"a refused add left files: {os.listdir(img2)}")
+    h.log(f"add refused: {lines[0]}")
+
+
+def test_wrong_range_retried():
+    t, srv, img = setup("wrongrange")
+    off, length = 2 * MiB + 4096, 64 * KiB
+    srv.set_rules([rule("wrong_range", t, count=1, shift=4096)])
+    with h.Mount(ws(), img) as m:
+        read_ok(m, "wrongrange", t, off, length, "read after a shifted Content-Range")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "wrong_range", 1, off, length, "wrong_range")
+        if int(xattr(m.path("wrongrange"), "errors")) < 1:
+            fail("user.streamfs.errors is 0 after a wrong Content-Range")
+    check_image_region(img, "wrongrange", t, 2 * CHUNK, CHUNK, "wrong_range")
+
+
+def test_wrong_total_is_template_change():
+    t, srv, img = setup("wrongtotal")
+    with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
+        p = m.path("wrongtotal")
+        read_ok(m, "wrongtotal", t, 0, 64 * KiB, "read before the size changes")
+        srv.mark()
+        srv.set_rules([rule("wrong_total", t)])
+        first = elapsed = read_eio(m, "wrongtotal", 2 * MiB, 64 * KiB,
+                                   "read when the server reports another total size")
+        if elapsed > 5:
+            fail(f"EIO took {elapsed:.1f} s: a changed size is not worth retrying")
+        x = xattrs(p)
+        if x["state"] != "error":
+            fail(f"state {x['state']!r} after the template changed size, expected error")
+        if "size" not in x["error"] or str(t.size) not in x["error"]:
+            fail(f"user.streamfs.error does not name the size change: {x['error']!r}")
+        recs = srv.records(f"/{t.name}")
+        if not recs or any(r["fault"] != "wrong_total" for r in recs):
+            fail(f"expected only wrong_total responses:\n{show(recs)}")
+        # Further absent reads fail at once, without asking the server.
+        srv.mark()
+        elapsed = read_eio(m, "wrongtotal", 3 * MiB, 4096, "second absent read")
+        if elapsed > 1:
+            fail(f"the second absent read took {elapsed:.1f} s to fail")
+        if srv.records(f"/{t.name}"):
+            fail(f"a disk in error still fetched:\n{show(srv.records(f'/{t.name}'))}")
+        # Present data are still served.
+        expect_equal("present data after the error", pread_direct(p, 0, 64 * KiB),
+                     t.read(0, 64 * KiB))
+        h.log(f"wrong total: EIO after {first:.2f} s, error {x['error']!r}")
+    check_image_region(img, "wrongtotal", t, 0, CHUNK, "wrong_total")
+    check_image_zero(img, "wrongtotal", CHUNK, t.size - CHUNK, "wrong_total")
+
+
+def test_change_etag_is_template_change():
+    t, srv, img = setup("etag")
+    present = (1 * MiB, 128 * KiB)
+    with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
+        p = m.path("etag")
+        read_ok(m, "etag", t, *present, "read before the template changes")
+        before = srv.records(f"/{t.name}")
+        etag = check_validator_sent(before)
+        srv.mark()
+        srv.set_rules([rule("change_etag", t)])
+        elapsed = read_eio(m, "etag", 3 * MiB, 64 * KiB, "read after the template changed")
+        if elapsed > 5:
+            fail(f"EIO took {elapsed:.1f} s: a changed template is not worth retrying")
+        x = xattrs(p)
+        if x["state"] != "error":
+            fail(f"state {x['state']!r} after the template changed, expected error")
+        if "template changed" not in x["error"]:
+            fail(f"user.streamfs.error does not say 'template changed': {x['error']!r}")
+        recs = srv.records(f"/{t.name}")
+        if not recs:
+            fail("no request reached the server after the change")
+        check_validator_sent(recs, etag)
+        if any(r["status"] != 412 for r in recs):
+            fail(f"the old ETag in If-Match should give 412:\n{show(recs)}")
+        # Absent data fail at once, with no request; present data are served.
+        srv.mark()
+        for off in (0, 2 * MiB, 4 * MiB):
+            e2 = read_eio(m, "etag", off, 4096, f"absent read at {off} after the change")
+            if e2 > 1:
+                fail(f"absent read at {off} took {e2:.1f} s to fail")
+        if srv.records(f"/{t.name}"):
+            fail(f"a disk in error still fetched:\n{show(srv.records(f'/{t.name}'))}")
+        expect_equal("present data after the change (O_DIRECT)",
+                     pread_direct(p, *present), t.read(*present))
+        expect_equal("present data after the change", h.pread_all(p, *present),
+                     t.read(*present))
+        h.log(f"changed ETag: EIO after {elapsed:.2f} s, error {x['error']!r}")
+    # Nothing of the "new" template was stored.
+    check_image_region(img, "etag", t, CHUNK, CHUNK, "change_etag")
+    check_image_zero(img, "etag", 0, CHUNK, "change_etag")
+    check_image_zero(img, "etag", 2 * CHUNK, t.size - 2 * CHUNK, "change_etag")
+
+
+def test_persistent_503_eio_after_timeout():
+    t, srv, img = setup("down")
+    off, length = 1 * MiB, 64 * KiB
+    srv.set_rules([rule("status", t, status=503)])
+    allow = [r"HTTP 503", r"cannot fetch"]
+    with h.Mount(ws(), img, opts=("stream=manual", "timeout=3"), allow=allow) as m:
+        p = m.path("down")
+        elapsed = read_eio(m, "down", off, length, "read with a persistent 503", timeout=30)
+        if not 2.5 <= elapsed <= 10:
+            fail(f"EIO after {elapsed:.2f} s with timeout=3, expected 2.5-10 s")
+        recs = srv.records(f"/{t.name}")
+        if len(recs) < 3 or any(r["status"] != 503 for r in recs):
+            fail(f"expected several retried 503s:\n{show(recs)}")
+        x = xattrs(p)
+        if x["state"] == "error":
+            fail("a server outage put the disk in state error (only a changed template should)")
+        if "503" not in x["error"]:
+            fail(f"user.streamfs.error does not mention the 503: {x['error']!r}")
+        if int(x["errors"]) < len(recs):
+            fail(f"user.streamfs.errors {x['errors']} < {len(recs)} failed requests")
+        h.log(f"persistent 503: EIO after {elapsed:.2f} s, {len(recs)} requests, "
+              f"error {x['error']!r}")
+        # The outage ends: the same read now works.
+        srv.clear()
+        read_ok(m, "down", t, off, length, "read after the outage ended")
+        x = xattrs(p)
+        if x["error"]:
+            fail(f"user.streamfs.error still {x['error']!r} after a successful fetch")
+    check_image_region(img, "down", t, CHUNK, CHUNK, "persistent 503")
+
+
+def test_streamer_resumes_by_itself():
+    size = 6 * MiB + 5
+    t, srv, img = setup("resume", size=size)
+    srv.set_rules([rule("refuse", t)])
+    allow = [r"streaming chunk \d+ failed", r"cannot fetch"]
+    with h.Mount(ws(), img, allow=allow) as m:
+        p = m.path("resume")
+        reply = control(m, "start resume\n")
+        h.log(f"start: {reply.strip()!r}")
+        time.sleep(4)
+        x = xattrs(p)
+        if x["state"] != "streaming":
+            fail(f"state {x['state']!r} while the template refuses, expected streaming "
+                 f"(retrying)\nstderr:\n{m.stderr()}")
+        if not x["error"]:
+            fail("user.streamfs.error is empty while every request fails")
+        if int(x["errors"]) < 3 or int(x["cached"]) != 0:
+            fail(f"while refusing: errors {x['errors']}, cached {x['cached']}")
+        refused = srv.records(f"/{t.name}")
+        if any(r["fault"] != "refuse" for r in refused):
+            fail(f"unexpected requests while refusing:\n{show(refused)}")
+        if len(refused) > 100:
+            fail(f"{len(refused)} requests in 4 s: the streamer does not back off")
+        h.log(f"while refused: {len(refused)} requests in 4 s, error {x['error']!r}")
+
+        srv.mark(settle=0)
+        srv.clear()
+        t0 = time.monotonic()
+        h.wait_until(lambda: xattr(p, "state") == "complete", 60,
+                     "the streamer to resume and complete the disk")
+        h.log(f"complete {time.monotonic() - t0:.1f} s after the server recovered")
+        x = xattrs(p)
+        if int(x["cached"]) != size:
+            fail(f"complete but cached {x['cached']} != {size}")
+        if x["error"]:
+            fail(f"user.streamfs.error still {x['error']!r} after the disk completed")
+        got = h.sha256_file(p)
+        if got != t.sha256:
+            fail(f"sha256 through the mount {got} != template {t.sha256}")
+        recs = srv.records(f"/{t.name}")
+        good = [rec_range(r) for r in recs if is_good_fetch(r)]
+        if h.overlapping(good):
+            fail(f"chunks fetched twice after recovery: {h.overlapping(good)}")
+        if not h.covered(good, 0, size - 1):
+            fail(f"the log does not account for every byte:\n{show(recs)}")
+    srv.stop()
+    p = h.run(["cmp", os.path.join(img, "resume.img"), t.path], timeout=60)
+    if p.returncode != 0:
+        fail(f"local image differs from the template: {p.stdout_text.strip()}")
+
+
+if __name__ == "__main__":
+    h.main(globals())
