@@ -180,6 +180,18 @@ static int http_status_error(long status, const struct http_reply *r, uint64_t s
 	case 200:
 		snprintf(why, why_size, "server ignored the range request (HTTP 200)");
 		return -EPROTO;
+	case 301:
+	case 302:
+	case 303:
+	case 307:
+	case 308:
+		snprintf(why, why_size,
+			 "template redirects elsewhere (HTTP %ld); redirects are not followed with "
+			 "header_file or aws_sigv4: use the final URL", status);
+		return -EACCES;
+	case 400:
+		snprintf(why, why_size, "HTTP 400 bad request (a TLS client certificate may be required)");
+		return -EIO;
 	case 401:
 	case 403:
 		snprintf(why, why_size, "access denied (HTTP %ld)", status);
@@ -235,6 +247,8 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 		return -ENOMEM;
 
 	curl_easy_setopt(h, CURLOPT_URL, url);
+	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR,
+			 strncasecmp(url, "https://", 8) ? "http,https" : "https");
 	curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
 	curl_easy_setopt(h, CURLOPT_RANGE, range + 6); /* without "bytes=" */
 	curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);

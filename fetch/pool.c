@@ -278,10 +278,12 @@ void pool_setup_handle(struct fetch_pool *p, CURL *h)
 	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(h, CURLOPT_SHARE, p->share);
 	curl_easy_setopt(h, CURLOPT_USERAGENT, "streamfs/" STREAMFS_VERSION);
-	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+	/* Redirects are followed only when no header file or SigV4 key could
+	 * travel with them (curl strips just Authorization and cookies on a
+	 * cross-host redirect), and never from https down to http. */
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, o->header_file || o->aws_sigv4 ? 0L : 1L);
 	curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
 	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
 	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
 	curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);

@@ -394,6 +394,8 @@ int fetch_document(struct fetch_pool *p, const char *url, size_t max_bytes, char
 			return -errno;
 		struct curl_slist *hdrs = pool_headers(p, NULL, 0);
 		curl_easy_setopt(h, CURLOPT_URL, url);
+		curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR,
+				 strncasecmp(url, "https://", 8) ? "http,https" : "https");
 		curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
 		curl_easy_setopt(h, CURLOPT_RANGE, NULL);
 		curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);

@@ -20,8 +20,6 @@
 #include "log.h"
 #include "util.h"
 
-#define REPLY_MAX (64u * 1024)
-
 struct control_session {
 	pthread_mutex_t lock; /* protects: reply, len; leaf */
 	char *reply;          /* the last command's reply, owned */
@@ -126,56 +124,51 @@ static void format_progress(char *buf, size_t n, const struct cache_disk_stats *
 	snprintf(buf, n, "%" PRIu64 ".%02" PRIu64, bp / 100, bp % 100);
 }
 
-int fs_status_line(struct mount_disk *md, char *buf, size_t size)
+char *fs_status_line(struct mount_disk *md)
 {
 	struct cache_disk_stats st;
 	char progress[16];
+	char *line = NULL;
 
 	cache_disk_get_stats(md->disk, &st);
 	format_progress(progress, sizeof(progress), &st);
 	_cleanup_free_ char *shown = url_redact(cache_disk_url(md->disk));
 	/* error= comes last and runs to the end of the line: it is free text. */
-	return snprintf(buf, size,
-			"name=%s state=%s size=%" PRIu64 " cached=%" PRIu64 " progress=%s"
-			" position=%" PRIu64 " rate=%" PRIu64 " speed=%" PRIu64 " chunk_size=%" PRIu32
-			" fetched=%" PRIu64 " errors=%" PRIu64 " waiting=%" PRIu64
-			" template=%s error=%s\n",
-			md->name, cache_state_name(st.state), st.size, st.cached, progress,
-			st.position, st.rate, st.speed, st.chunk_size, st.fetched, st.errors,
-			st.waiting, shown ? shown : "?", st.error);
+	if (asprintf(&line,
+		     "name=%s state=%s size=%" PRIu64 " cached=%" PRIu64 " progress=%s"
+		     " position=%" PRIu64 " rate=%" PRIu64 " speed=%" PRIu64 " chunk_size=%" PRIu32
+		     " fetched=%" PRIu64 " errors=%" PRIu64 " waiting=%" PRIu64
+		     " template=%s error=%s\n",
+		     md->name, cache_state_name(st.state), st.size, st.cached, progress, st.position,
+		     st.rate, st.speed, st.chunk_size, st.fetched, st.errors, st.waiting,
+		     shown ? shown : "?", st.error) < 0)
+		return NULL;
+	return line;
 }
 
 static int do_status(struct mount_ctx *m, struct control_session *s, const char *name)
 {
-	size_t n = 0, used = 0, cap = 4096;
-	_cleanup_free_ char *out = malloc(cap);
+	size_t n = 0, used = 0;
+	_cleanup_free_ char *out = strdup("");
 
 	if (!out)
 		return -ENOMEM;
-	out[0] = '\0';
 	_cleanup_free_ struct mount_disk **list = mount_list(m, &n);
 	if (!list)
 		return -ENOMEM;
 	for (size_t i = 0; i < n; i++) {
-		char line[1024];
 		if (*name && strcmp(list[i]->name, name))
 			continue;
-		int len = fs_status_line(list[i], line, sizeof(line));
-		if (len < 0)
-			continue;
-		if ((size_t)len >= sizeof(line))
-			len = sizeof(line) - 1;
-		if (used + (size_t)len + 1 > cap) {
-			if (cap >= REPLY_MAX)
-				break;
-			cap *= 2;
-			char *grown = realloc(out, cap);
-			if (!grown)
-				return -ENOMEM;
-			out = grown;
-		}
-		memcpy(out + used, line, (size_t)len + 1);
-		used += (size_t)len;
+		_cleanup_free_ char *line = fs_status_line(list[i]);
+		if (!line)
+			return -ENOMEM;
+		size_t len = strlen(line);
+		char *grown = realloc(out, used + len + 1);
+		if (!grown)
+			return -ENOMEM;
+		out = grown;
+		memcpy(out + used, line, len + 1);
+		used += len;
 	}
 	return reply(s, 0, "%s", out);
 }

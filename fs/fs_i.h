@@ -104,8 +104,8 @@ int fs_control_read_buf(struct fuse_bufvec **bufp, size_t size, off_t off,
 			struct fuse_file_info *fi);
 int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi);
 void fs_control_release(struct fuse_file_info *fi);
-/* One status line for a disk, "name=... state=... ...\n"; returns length. */
-int fs_status_line(struct mount_disk *md, char *buf, size_t size);
+/* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
+char *fs_status_line(struct mount_disk *md);
 
 /* ops.c */
 extern const struct fuse_operations fs_ops;

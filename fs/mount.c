@@ -197,7 +197,8 @@ struct mount_disk **mount_list(struct mount_ctx *m, size_t *ret_n)
 	pthread_rwlock_rdlock(&m->disks_lock);
 	struct mount_disk **copy = malloc((m->ndisks ? m->ndisks : 1) * sizeof(*copy));
 	if (copy) {
-		memcpy(copy, m->disks, m->ndisks * sizeof(*copy));
+		if (m->ndisks)
+			memcpy(copy, m->disks, m->ndisks * sizeof(*copy));
 		*ret_n = m->ndisks;
 	}
 	pthread_rwlock_unlock(&m->disks_lock);
