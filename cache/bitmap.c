@@ -11,6 +11,8 @@
 
 int bitmap_init(struct bitmap *b, uint64_t nbits)
 {
+	if (nbits > BITMAP_MAX_BITS)
+		return -EINVAL;
 	size_t n = (size_t)bitmap_bytes(nbits);
 
 	b->bits = calloc(n ? n : 1, 1);

@@ -18,7 +18,8 @@ struct bitmap {
 	uint64_t count; /* bits set, kept up to date by set/clear */
 };
 
-/* Allocates nbits clear bits. Returns 0 or -ENOMEM. */
+/* Allocates nbits clear bits (at most BITMAP_MAX_BITS). Returns 0, -EINVAL or -ENOMEM. */
+#define BITMAP_MAX_BITS (1ull << 48)
 int bitmap_init(struct bitmap *b, uint64_t nbits) __attribute__((warn_unused_result));
 void bitmap_destroy(struct bitmap *b);
 /* Bytes needed to store nbits. */
@@ -111,7 +112,7 @@ void meta_clear(struct meta *m);
 
 static inline uint64_t meta_chunks(const struct meta *m)
 {
-	return (m->size + m->chunk_size - 1) / m->chunk_size;
+	return m->size / m->chunk_size + (m->size % m->chunk_size != 0);
 }
 
 /*

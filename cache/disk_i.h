@@ -47,7 +47,6 @@ struct stream {
 };
 
 #define RA_THREADS 2                   /* read-ahead workers per disk */
-#define RA_WINDOW_BYTES (8u << 20)     /* how far ahead of a sequential reader */
 
 /* Read-ahead for sequential demand readers (readahead.c). */
 struct readahead {
@@ -57,6 +56,7 @@ struct readahead {
 	unsigned streak;       /* sequential reads in a row */
 	uint64_t next;         /* next chunk to prefetch */
 	uint64_t end;          /* prefetch chunks below this index */
+	uint64_t window;       /* bytes ahead of the reader, 0 = off */
 	unsigned nthreads;
 	bool quit;
 	pthread_t threads[RA_THREADS];

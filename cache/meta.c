@@ -91,7 +91,8 @@ int meta_encode(const struct meta *m, uint8_t *out)
 	const char *man = m->manifest_url ? m->manifest_url : "";
 	size_t ul, el, ll, ml;
 
-	if (!m->url || !*m->url || m->size == 0 || !chunk_size_valid(m->chunk_size))
+	if (!m->url || !*m->url || m->size == 0 || m->size > (uint64_t)INT64_MAX ||
+	    !chunk_size_valid(m->chunk_size))
 		return -EINVAL;
 	ul = strlen(m->url);
 	el = strlen(etag);
@@ -162,7 +163,9 @@ int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 	if (META_FIXED_SIZE + ul + el + ll + ml != total || ul == 0 || ul > META_URL_MAX ||
 	    el > META_ETAG_MAX || ll > META_LASTMOD_MAX || ml > META_MANIFEST_MAX)
 		return -EBADMSG;
-	if (m.size == 0 || !chunk_size_valid(m.chunk_size) || (m.flags & ~META_FLAGS_KNOWN))
+	/* Sizes must fit off_t: the image is a plain file of that size. */
+	if (m.size == 0 || m.size > (uint64_t)INT64_MAX || !chunk_size_valid(m.chunk_size) ||
+	    (m.flags & ~META_FLAGS_KNOWN) || get_le32(in + 60))
 		return -EBADMSG;
 	const uint8_t *s = in + META_FIXED_SIZE;
 	if (memchr(s, '\0', total - META_FIXED_SIZE))
@@ -183,11 +186,14 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 {
 	uint8_t slot[2][META_SLOT_SIZE];
 	struct meta best = {0};
-	int best_slot = -1, r, first_err = -EBADMSG;
+	int best_slot = -1, r;
 	struct stat st;
 
-	if (fstat(fd, &st) < 0)
-		return -errno;
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
+		snprintf(why, why_size, "cannot stat metadata: %s", strerror(e));
+		return -e;
+	}
 	if ((uint64_t)st.st_size < META_BITMAP_OFFSET) {
 		snprintf(why, why_size, "metadata truncated (%lld bytes)", (long long)st.st_size);
 		return -EBADMSG;
@@ -200,11 +206,16 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 	for (int i = 0; i < 2; i++) {
 		struct meta m;
 		r = meta_decode(slot[i], META_SLOT_SIZE, &m);
-		if (r < 0) {
-			if (r == -EPROTONOSUPPORT)
-				first_err = r;
-			continue;
+		if (r == -EPROTONOSUPPORT) {
+			/* A newer streamfs wrote this disk (the checksum held):
+			 * never fall back to the older slot and write beside it. */
+			meta_clear(&best);
+			snprintf(why, why_size,
+				 "unknown metadata version (this build reads version %u)", META_VERSION);
+			return r;
 		}
+		if (r < 0)
+			continue;
 		if (best_slot < 0 || m.generation > best.generation) {
 			meta_clear(&best);
 			best = m;
@@ -214,14 +225,11 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 		}
 	}
 	if (best_slot < 0) {
-		if (first_err == -EPROTONOSUPPORT)
-			snprintf(why, why_size, "unknown metadata version (this build reads version %u)",
-				 META_VERSION);
-		else if (memcmp(slot[0], META_MAGIC, 8) && memcmp(slot[1], META_MAGIC, 8))
+		if (memcmp(slot[0], META_MAGIC, 8) && memcmp(slot[1], META_MAGIC, 8))
 			snprintf(why, why_size, "not a streamfs metadata file (bad magic)");
 		else
 			snprintf(why, why_size, "metadata header is corrupt (bad checksum or fields)");
-		return first_err;
+		return -EBADMSG;
 	}
 
 	uint64_t nbytes = bitmap_bytes(meta_chunks(&best));
@@ -233,11 +241,13 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 	}
 	r = bitmap_init(b, meta_chunks(&best));
 	if (r < 0) {
+		snprintf(why, why_size, "cannot hold the present-bitmap: %s", strerror(-r));
 		meta_clear(&best);
 		return r;
 	}
 	_cleanup_free_ uint8_t *bytes = malloc(nbytes ? nbytes : 1);
 	if (!bytes) {
+		snprintf(why, why_size, "cannot load present-bitmap: %s", strerror(ENOMEM));
 		bitmap_destroy(b);
 		meta_clear(&best);
 		return -ENOMEM;

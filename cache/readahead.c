@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * Read-ahead for sequential demand readers.  A reader that reads on where
- * its last read ended has the next RA_WINDOW_BYTES of absent chunks
+ * its last read ended has the next window bytes of absent chunks
  * fetched in the background by a couple of worker threads, so that it
  * finds them present instead of waiting one round trip per chunk.
  * Requests go out with STREAM priority: speculative work never takes the
@@ -67,12 +67,20 @@ static void *ra_worker(void *opaque)
 	return NULL;
 }
 
+void cache_disk_set_readahead(struct cache_disk *d, uint64_t bytes)
+{
+	LOCK_GUARD(&d->ra.lock);
+	d->ra.window = bytes;
+}
+
 void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len)
 {
 	struct readahead *ra = &d->ra;
-	uint64_t window = MAX(2u, RA_WINDOW_BYTES >> d->chunk_shift);
 
 	LOCK_GUARD(&ra->lock);
+	if (!ra->window)
+		return;
+	uint64_t window = MAX(2u, ra->window >> d->chunk_shift);
 	if (off != ra->expect_off) {
 		ra->streak = 0;
 		ra->expect_off = off + len;

@@ -42,6 +42,9 @@ int parse_size(const char *s, uint64_t *ret)
 
 	if (!s)
 		return -EINVAL;
+	/* Leading zeros carry no value; keep one digit if all are zero. */
+	while (s[0] == '0' && s[1] >= '0' && s[1] <= '9')
+		s++;
 	while (s[n] >= '0' && s[n] <= '9')
 		n++;
 	if (n == 0 || n >= sizeof(digits))
@@ -91,8 +94,8 @@ bool disk_name_valid(const char *name)
 
 char *url_redact(const char *url)
 {
-	const char *scheme_end, *auth, *auth_end, *at = NULL, *q;
-	size_t len;
+	const char *scheme_end, *auth, *auth_end, *at, *host, *cut;
+	size_t len, prefix, keep;
 	char *out;
 
 	if (!url) {
@@ -101,27 +104,29 @@ char *url_redact(const char *url)
 	}
 	scheme_end = strstr(url, "://");
 	auth = scheme_end ? scheme_end + 3 : url;
-	auth_end = auth + strcspn(auth, "/?#");
+	/* The authority ends at the first '/': an unencoded '?', '#' or '@'
+	 * in a password must not let any of it through, so the last '@'
+	 * before that '/' ends the userinfo. */
+	auth_end = auth + strcspn(auth, "/");
+	at = NULL;
 	for (const char *p = auth; p < auth_end; p++)
 		if (*p == '@')
 			at = p;
-	q = strchr(auth, '?');
+	host = at ? at + 1 : auth;
+	cut = host + strcspn(host, "?#");
 	len = strlen(url) + sizeof("?<redacted>");
 	out = malloc(len);
 	if (!out)
 		return NULL;
-	size_t prefix = (size_t)(auth - url);
+	prefix = (size_t)(auth - url);
+	keep = (size_t)(cut - host);
 	memcpy(out, url, prefix);
-	const char *rest = at ? at + 1 : auth;
-	size_t restlen = q ? (size_t)(q - rest) : strlen(rest);
-	/* A '#' fragment never reaches the server but may hold anything. */
-	const char *frag = memchr(rest, '#', restlen);
-	if (frag)
-		restlen = (size_t)(frag - rest);
-	memcpy(out + prefix, rest, restlen);
-	out[prefix + restlen] = '\0';
-	if (q)
-		memcpy(out + prefix + restlen, "?<redacted>", sizeof("?<redacted>"));
+	memcpy(out + prefix, host, keep);
+	out[prefix + keep] = '\0';
+	/* A query may carry a signature or token; a fragment never reaches
+	 * the server and is dropped. */
+	if (*cut == '?')
+		memcpy(out + prefix + keep, "?<redacted>", sizeof("?<redacted>"));
 	return out;
 }
 

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdbool.h>
 #include <string.h>
 #include <strings.h>
 
@@ -49,6 +50,7 @@ int content_range_parse(const char *value, uint64_t *ret_start, uint64_t *ret_en
 {
 	const char *p = value;
 	uint64_t start, end, total;
+	bool unsatisfied = false;
 
 	if (!p)
 		return -EINVAL;
@@ -63,6 +65,7 @@ int content_range_parse(const char *value, uint64_t *ret_start, uint64_t *ret_en
 		p++;
 	if (*p == '*') {
 		start = end = UINT64_MAX;
+		unsatisfied = true;
 		p++;
 	} else {
 		if (parse_num(&p, &start) < 0 || *p++ != '-' || parse_num(&p, &end) < 0)
@@ -78,7 +81,7 @@ int content_range_parse(const char *value, uint64_t *ret_start, uint64_t *ret_en
 		p++;
 	if (*p)
 		return -EINVAL;
-	if (start != UINT64_MAX && end >= total)
+	if (!unsatisfied && end >= total)
 		return -EINVAL;
 	*ret_start = start;
 	*ret_end = end;

@@ -37,10 +37,16 @@ void ratelimit_set(struct ratelimit *rl, uint64_t rate, uint64_t now_ns)
 	LOCK_GUARD(&rl->lock);
 
 	refill_locked(rl, now_ns);
-	if (rl->tokens < 0 && rl->rate && rate)
-		rl->tokens = rl->tokens * (double)rate / (double)rl->rate;
-	else if (!rate || !rl->rate)
+	/* Debt stays in bytes, so it is paid at the new rate from now on;
+	 * credit is capped to what the new rate may bank; a change to or
+	 * from unlimited starts with an empty bucket (no burst). */
+	if (!rate || !rl->rate) {
 		rl->tokens = 0;
+	} else {
+		double cap = (double)rate * (double)RATELIMIT_BURST_NS / 1e9;
+		if (rl->tokens > cap)
+			rl->tokens = cap;
+	}
 	rl->rate = rate;
 }
 
@@ -60,5 +66,6 @@ uint64_t ratelimit_reserve(struct ratelimit *rl, uint64_t bytes, uint64_t now_ns
 	rl->tokens -= (double)bytes;
 	if (rl->tokens >= 0)
 		return 0;
-	return (uint64_t)(-rl->tokens * 1e9 / (double)rl->rate);
+	double wait = -rl->tokens * 1e9 / (double)rl->rate;
+	return wait >= 1.8e19 ? UINT64_MAX : (uint64_t)wait;
 }

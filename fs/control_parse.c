@@ -123,6 +123,8 @@ int control_parse(const char *buf, size_t len, struct control_cmd *ret, char *wh
 		snprintf(c.url, sizeof(c.url), "%s", tok[2]);
 		for (unsigned k = 3; k < ntok; k++) {
 			if (!strncmp(tok[k], "chunk_size=", 11)) {
+				if (c.chunk_size)
+					return fail(why, why_size, "add: chunk_size= given twice");
 				r = parse_size(tok[k] + 11, &c.chunk_size);
 				if (r < 0 || c.chunk_size < CACHE_CHUNK_MIN ||
 				    c.chunk_size > CACHE_CHUNK_MAX ||
@@ -130,8 +132,15 @@ int control_parse(const char *buf, size_t len, struct control_cmd *ret, char *wh
 					return fail(why, why_size,
 						    "add: bad chunk_size '%.32s' (a power of two, 64K to 16M)",
 						    tok[k] + 11);
-			} else if (!strncmp(tok[k], "manifest=", 9) && tok[k][9]) {
-				snprintf(c.manifest, sizeof(c.manifest), "%s", tok[k] + 9);
+			} else if (!strncmp(tok[k], "manifest=", 9)) {
+				const char *mu = tok[k] + 9;
+				if (c.manifest[0])
+					return fail(why, why_size, "add: manifest= given twice");
+				if (!url_scheme_ok(mu) && mu[0] != '/')
+					return fail(why, why_size,
+						    "add: manifest= needs an http://, https:// or file:// URL "
+						    "or an absolute path");
+				snprintf(c.manifest, sizeof(c.manifest), "%s", mu);
 			} else {
 				return fail(why, why_size, "add: unknown option '%.64s'", tok[k]);
 			}

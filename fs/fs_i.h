@@ -36,6 +36,7 @@ struct mount_opts {
 	int insecure;
 	int readonly;
 	char *chunk_size;    /* default for new disks */
+	char *readahead;     /* SIZE, NULL = default for the stream mode */
 	char *debug_subsys;  /* -o debug=fetch,cache,... */
 	int show_help;
 	int show_version;
@@ -58,6 +59,7 @@ struct mount_ctx {
 	uint64_t default_chunk;     /* bytes, for add without chunk_size= */
 	uint64_t speed;             /* bytes/s from -o speed, valid if opts.speed */
 	unsigned depth;             /* streamer chunks in flight per disk */
+	uint64_t readahead;         /* bytes ahead of sequential readers, 0 = off */
 	struct fetch_pool *pool;
 
 	pthread_mutex_t add_lock;   /* serialises add; order: before disks_lock */

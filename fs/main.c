@@ -43,6 +43,7 @@ static const struct fuse_opt option_spec[] = {
 	OPT("insecure", insecure, 1),
 	OPT("readonly", readonly, 1),
 	OPT("chunk_size=%s", chunk_size, 0),
+	OPT("readahead=%s", readahead, 0),
 	OPT("debug=%s", debug_subsys, 0),
 	FUSE_OPT_KEY("-h", KEY_HELP),
 	FUSE_OPT_KEY("--help", KEY_HELP),
@@ -74,6 +75,8 @@ static void usage(FILE *out)
 		"  timeout=SECONDS        how long a read retries the network before EIO (default %d)\n"
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
+		"  readahead=SIZE         fetch ahead of sequential readers (default 8M with\n"
+		"                         stream=auto, 0 = off with stream=manual)\n"
 		"  cafile=FILE, capath=DIR  CA certificates for https templates\n"
 		"  cert=FILE, key=FILE    TLS client certificate and key\n"
 		"  insecure               do not verify TLS certificates (logs a warning)\n"
@@ -129,7 +132,7 @@ static void opts_free(struct mount_opts *o)
 	char **strs[] = {&o->image_dir, &o->mountpoint, &o->stream, &o->speed, &o->cafile,
 			 &o->capath, &o->cert, &o->key, &o->proxy, &o->header_file,
 			 &o->aws_sigv4, &o->aws_credentials,
-			 &o->chunk_size, &o->debug_subsys};
+			 &o->chunk_size, &o->debug_subsys, &o->readahead};
 	for (size_t i = 0; i < ARRAY_SIZE(strs); i++) {
 		free(*strs[i]);
 		*strs[i] = NULL;
@@ -168,6 +171,14 @@ static int opts_check(struct mount_ctx *m)
 			return -1;
 		}
 		m->default_chunk = cs;
+	}
+	/* stream=manual means only what is asked for is fetched, so read-ahead
+	 * is off there unless asked for. */
+	m->readahead = m->auto_stream ? CACHE_READAHEAD_DEFAULT : 0;
+	if (o->readahead && (parse_size(o->readahead, &m->readahead) < 0 ||
+			     m->readahead > CACHE_READAHEAD_MAX)) {
+		fprintf(stderr, "streamfs: bad option readahead=%s: use 0 to 64M\n", o->readahead);
+		return -1;
 	}
 	if (!o->connections)
 		o->connections = FETCH_DEFAULT_CONNECTIONS;
@@ -304,11 +315,15 @@ int main(int argc, char **argv)
 	fuse_loop_cfg_set_max_threads(lc, 64);
 	fuse_loop_cfg_set_idle_threads(lc, 16);
 	log_info("mounted %s on %s", m.opts.image_dir, m.opts.mountpoint);
+	/* 0 after fusermount3 -u, the signal's number after SIGTERM, SIGINT
+	 * or SIGHUP (both clean), -errno on failure. */
 	r = fuse_loop_mt(fuse, lc);
 	fuse_loop_cfg_destroy(lc);
-	ret = r == 0 ? 0 : 1;
-	if (r != 0)
-		log_err("FUSE loop ended with an error: %d", r);
+	ret = r >= 0 ? 0 : 1;
+	if (r < 0)
+		log_err("FUSE loop ended with an error: %s", strerror(-r));
+	else if (r > 0)
+		log_info("signal %d: unmounting", r);
 
 out_flusher:
 	mount_flusher_stop(&m);

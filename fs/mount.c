@@ -112,6 +112,7 @@ int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why
 	};
 	cache_disk_set_source(md->disk, &src);
 	cache_disk_stream_set_depth(md->disk, m->depth);
+	cache_disk_set_readahead(md->disk, m->readahead);
 	if (m->opts.speed) {
 		r = cache_disk_stream_set_speed(md->disk, m->speed);
 		if (r < 0)

@@ -136,6 +136,16 @@ const char *cache_disk_last_modified(const struct cache_disk *d); /* "" when non
 uint64_t cache_disk_size(const struct cache_disk *d);
 uint32_t cache_disk_chunk_size(const struct cache_disk *d);
 
+#define CACHE_READAHEAD_DEFAULT (8u << 20)
+#define CACHE_READAHEAD_MAX (64u << 20)
+
+/*
+ * How far ahead of a sequential reader absent chunks are fetched in the
+ * background (bytes, at least two chunks when not 0); 0 turns read-ahead
+ * off, so that reads fetch only the chunks they cover.  Default 0.
+ */
+void cache_disk_set_readahead(struct cache_disk *d, uint64_t bytes);
+
 /* The local image's fd (O_RDWR), for zero-copy reads of present data. */
 int cache_disk_fd(const struct cache_disk *d);
 

@@ -30,8 +30,8 @@ void ratelimit_init(struct ratelimit *rl, uint64_t rate, uint64_t now_ns);
 void ratelimit_destroy(struct ratelimit *rl);
 
 /*
- * Changes the rate.  Outstanding debt is rescaled so that a change takes
- * effect at once rather than after paying debt at the old rate.
+ * Changes the rate, at once: outstanding debt (in bytes) is paid at the
+ * new rate, and banked credit is capped to the new rate's burst.
  */
 void ratelimit_set(struct ratelimit *rl, uint64_t rate, uint64_t now_ns);
 uint64_t ratelimit_get(struct ratelimit *rl);

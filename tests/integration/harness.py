@@ -141,6 +141,11 @@ def _on_signal(signum, _frame):
 
 signal.signal(signal.SIGTERM, _on_signal)
 signal.signal(signal.SIGHUP, _on_signal)
+# A shell's background job starts with SIGINT ignored, and children
+# inherit that; libfuse then leaves SIGINT alone and a daemon under test
+# would ignore it.  Catching it here resets it to default across exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------
@@ -339,6 +344,9 @@ def ctl(*args, timeout=60, user=None):
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     p = run(cmd, timeout=timeout)
+    for line in p.stderr_text.splitlines():
+        if any(pat.search(line) for pat in SANITIZER_PATTERNS):
+            fail(f"sanitizer report from {' '.join(cmd)}:\n{p.stderr_text}")
     return p.returncode, p.stdout_text, p.stderr_text
 
 

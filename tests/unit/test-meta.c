@@ -190,8 +190,12 @@ static void test_meta__round_trip(void **state)
 		{.size = 1, .chunk_size = CACHE_CHUNK_MAX, .url = (char *)"u", .etag = (char *)"",
 		 .last_modified = (char *)"", .manifest_url = (char *)""},
 		/* every numeric field at its extreme */
-		{.generation = UINT64_MAX, .size = UINT64_MAX, .chunk_size = 1u << 20,
+		{.generation = UINT64_MAX, .size = INT64_MAX, .chunk_size = 1u << 20,
 		 .flags = META_FLAG_COMPLETE, .speed = UINT64_MAX, .url = (char *)"http://h/x"},
+		{.size = 2, .chunk_size = 1u << 21, .flags = META_FLAG_MANIFEST,
+		 .url = (char *)"http://h/x", .manifest_url = (char *)"http://h/x.manifest"},
+		{.size = 3, .chunk_size = 1u << 22, .flags = META_FLAGS_KNOWN,
+		 .url = (char *)"http://h/x"},
 		{.generation = 1, .size = (UINT64_C(1) << 40) + 12345, .chunk_size = 4u << 20,
 		 .flags = 0, .speed = 10 * 1024 * 1024, .url = (char *)"https://u:p@h/x?t=1",
 		 .etag = (char *)"W/\"x\""},
@@ -339,6 +343,9 @@ static void check_patch_rows(const struct patch_row *rows, size_t n)
 	assert_int_equal(bad, 0);
 }
 
+/* The lowest flag bit this build does not know. */
+#define LOWEST_UNKNOWN_FLAG ((uint32_t)~META_FLAGS_KNOWN & (0u - (uint32_t)~META_FLAGS_KNOWN))
+
 static void test_meta__decode_rejects_fields(void **state)
 {
 	size_t ul = strlen(base.url), el = strlen(base.etag);
@@ -362,11 +369,14 @@ static void test_meta__decode_rejects_fields(void **state)
 		{"chunk 65537", OFF_CHUNK, 4, 65537, true, -EBADMSG},
 		{"chunk 3<<16", OFF_CHUNK, 4, 3u << 16, true, -EBADMSG},
 		{"chunk 16M", OFF_CHUNK, 4, 16u << 20, true, 0},
-		/* flags */
-		{"flag 0x2", OFF_FLAGS, 4, 0x2, true, -EBADMSG},
+		/* flags: any bit outside META_FLAGS_KNOWN */
+		{"lowest unknown flag", OFF_FLAGS, 4, LOWEST_UNKNOWN_FLAG, true, -EBADMSG},
 		{"flag 0x80000000", OFF_FLAGS, 4, 0x80000000u, true, -EBADMSG},
+		{"all unknown flags", OFF_FLAGS, 4, (uint32_t)~META_FLAGS_KNOWN, true, -EBADMSG},
 		{"flags 0xffffffff", OFF_FLAGS, 4, 0xffffffffu, true, -EBADMSG},
 		{"flag COMPLETE", OFF_FLAGS, 4, META_FLAG_COMPLETE, true, 0},
+		{"flag MANIFEST", OFF_FLAGS, 4, META_FLAG_MANIFEST, true, 0},
+		{"all known flags", OFF_FLAGS, 4, META_FLAGS_KNOWN, true, 0},
 		/* header length */
 		{"length 0", OFF_LENGTH, 4, 0, false, -EBADMSG},
 		{"length 63", OFF_LENGTH, 4, 63, false, -EBADMSG},
