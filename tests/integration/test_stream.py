@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: MIT
+"""The background streamer through a real mount: the speed limit measured
+over several seconds and changed while streaming, xattrs as streaming
+advances, completion recorded durably and then no network ever again
+(remount with the server gone), and demand reads served before the
+streamer's backlog.
+
+Run: python3 tests/integration/test_stream.py [test_name...]
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import harness as h
+from harness import MiB, fail
+
+_ws = None
+
+
+def ws():
+    global _ws
+    if _ws is None:
+        _ws = h.Workspace()
+    return _ws
+
+
+def xattr(path, name):
+    return os.getxattr(path, "user.streamfs." + name).decode()
+
+
+def control(mnt, line):
+    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
+    try:
+        os.write(fd, line.encode())
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def wait_state(path, want, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if xattr(path, "state") == want:
+            return
+        time.sleep(0.1)
+    fail(f"{path}: state {xattr(path, 'state')!r}, expected {want!r} within {timeout} s")
+
+
+def sample_cached(path, seconds, period=0.25):
+    """[(t, cached)] sampled for `seconds`."""
+    out = []
+    end = time.monotonic() + seconds
+    while True:
+        now = time.monotonic()
+        out.append((now, int(xattr(path, "cached"))))
+        if now >= end:
+            return out
+        time.sleep(period)
+
+
+def window_rates(samples, window):
+    """Bytes/s over every `window`-second span of the samples."""
+    rates = []
+    for i, (t0, c0) in enumerate(samples):
+        for t1, c1 in samples[i + 1:]:
+            if t1 - t0 >= window:
+                rates.append((c1 - c0) / (t1 - t0))
+                break
+    return rates
+
+
+def test_speed_limit_honoured_and_changed_while_streaming():
+    """A 2 MiB/s limit holds within 10% over every 10 s window; raising
+    it to 4 MiB/s through the xattr takes effect at once; the rate xattr
+    shows it; position only moves forward."""
+    t = ws().template("limited.img", 96 * MiB)
+    img = ws().mkdir("images", unique=True)
+    with h.Nginx(ws()) as ng:
+        h.ctl_add(img, "lim", ng.url(t.name), chunk_size="256K")
+        m = h.Mount(ws(), img, opts=("stream=auto", "speed=2M")).start()
+        disk = m.path("lim")
+        if xattr(disk, "speed") != str(2 * MiB):
+            fail(f"speed xattr {xattr(disk, 'speed')}, expected {2 * MiB}")
+        time.sleep(1.0)  # let the first chunk land
+        samples = sample_cached(disk, 12)
+        rates = window_rates(samples, 10)
+        h.log("2M limit: 10 s window rates %s MiB/s" %
+              ", ".join(f"{r / MiB:.2f}" for r in rates[:5]))
+        if not rates or any(abs(r - 2 * MiB) > 0.1 * 2 * MiB for r in rates):
+            fail(f"rates over 10 s windows {[round(r / MiB, 3) for r in rates]} MiB/s "
+                 "are not within 10% of 2 MiB/s")
+        rate = int(xattr(disk, "rate"))
+        if abs(rate - 2 * MiB) > 0.25 * 2 * MiB:
+            fail(f"rate xattr {rate} is far from the 2 MiB/s being streamed")
+        if xattr(disk, "state") != "streaming":
+            fail(f"state {xattr(disk, 'state')} while streaming")
+        pos1 = int(xattr(disk, "position"))
+
+        os.setxattr(disk, "user.streamfs.speed", b"4M")
+        time.sleep(1.0)
+        samples = sample_cached(disk, 11)
+        rates = window_rates(samples, 10)
+        h.log("4M limit: 10 s window rates %s MiB/s" %
+              ", ".join(f"{r / MiB:.2f}" for r in rates[:5]))
+        if not rates or any(abs(r - 4 * MiB) > 0.1 * 4 * MiB for r in rates):
+            fail(f"after raising the limit, rates {[round(r / MiB, 3) for r in rates]} MiB/s "
+                 "are not within 10% of 4 MiB/s")
+        pos2 = int(xattr(disk, "position"))
+        if pos2 <= pos1:
+            fail(f"position did not advance: {pos1} then {pos2}")
+
+        # Lifting the limit streams the rest at full speed.
+        os.setxattr(disk, "user.streamfs.speed", b"0")
+        wait_state(disk, "complete", 60)
+        if xattr(disk, "progress") != "100.00" or int(xattr(disk, "cached")) != t.size:
+            fail("complete disk does not show 100.00% / every byte cached")
+        m.stop()
+        if subprocess.run(["cmp", os.path.join(img, "lim.img"), t.path]).returncode != 0:
+            fail("the local image differs from the template")
+
+
+def test_complete_disk_never_needs_the_network():
+    """Completion is recorded durably: after unmount, with nginx stopped,
+    a remount serves every byte and no request reaches anybody."""
+    t = ws().template("whole.img", 20 * MiB + 333)
+    img = ws().mkdir("images", unique=True)
+    ng = h.Nginx(ws()).start()
+    h.ctl_add(img, "w", ng.url(t.name))
+    m = h.Mount(ws(), img, opts=("stream=auto",)).start()
+    wait_state(m.path("w"), "complete", 60)
+    m.stop()
+    ng.mark()
+    ng.stop()
+    m2 = h.Mount(ws(), img, opts=("stream=auto",)).start()
+    disk = m2.path("w")
+    if xattr(disk, "state") != "complete":
+        fail(f"after remount state is {xattr(disk, 'state')}")
+    if h.sha256_file(disk) != t.sha256:
+        fail("complete disk differs from the template after remount")
+    if control(m2.mnt, "start w\n").strip() != "ok complete":
+        fail("start on a complete disk did not say it is complete")
+    if xattr(disk, "fetched") != "0" or xattr(disk, "errors") != "0":
+        fail(f"a complete disk touched the network: fetched={xattr(disk, 'fetched')} "
+             f"errors={xattr(disk, 'errors')}")
+    m2.stop()
+
+
+def test_demand_read_does_not_queue_behind_the_streamer():
+    """With 2 connections the streamer keeps one chunk in flight and leaves
+    the other connection to demand reads.  Every transfer is slowed to
+    512 KiB/s by the fault server, so a 1 MiB chunk takes 2 s: a cold read
+    while the streamer is busy must take about one transfer (2 s), not
+    wait for the streamer's chunk first (4 s)."""
+    t = ws().template("prio.img", 16 * MiB)
+    root = os.path.dirname(t.path)
+    portfile = os.path.join(ws().root, "fault.port")
+    server = subprocess.Popen([sys.executable, os.path.join(h.SRC, "tests", "faultserver.py"),
+                               "--root", root, "--port-file", portfile,
+                               "--log", os.path.join(ws().root, "fault.log")],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    entry = h.defer(lambda: (server.terminate(), server.wait()), "fault server")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(portfile):
+        if time.monotonic() > deadline:
+            fail("fault server did not start")
+        time.sleep(0.05)
+    port = int(open(portfile).read())
+    url = f"http://127.0.0.1:{port}/{t.name}"
+    img = ws().mkdir("images", unique=True)
+    h.ctl_add(img, "p", url)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/_fault", method="POST",
+                                 data=json.dumps([{"fault": "slow", "rate": 512 * 1024,
+                                                   "method": "GET"}]).encode())
+    urllib.request.urlopen(req, timeout=10).read()
+    m = h.Mount(ws(), img, opts=("stream=manual", "connections=2")).start()
+    disk = m.path("p")
+    control(m.mnt, "start p\n")
+    time.sleep(0.5)  # the streamer's first chunk is on the wire
+    t0 = time.monotonic()
+    got = h.pread_all(disk, 12 * MiB + 4096, 4096, os.O_DIRECT)
+    took = time.monotonic() - t0
+    h.log(f"cold 4 KiB read while streaming at 512 KiB/s per connection: {took:.2f} s")
+    if got != t.read(12 * MiB + 4096, 4096):
+        fail("cold read returned wrong bytes")
+    if took > 3.5:
+        fail(f"cold read took {took:.2f} s: it queued behind the streamer "
+             "(one 1 MiB transfer at 512 KiB/s takes 2 s)")
+    control(m.mnt, "stop p\n")
+    m.stop()
+    h.cancel(entry)
+    server.terminate()
+    server.wait()
+
+
+if __name__ == "__main__":
+    h.main(globals())
