@@ -54,6 +54,7 @@ struct mount_ctx {
 	int dirfd;                  /* the image directory */
 	int lock_fd;                /* flock held while mounted */
 	uid_t owner;                /* who mounted: may write the control file */
+	struct timespec started;    /* mount time: times of / and .control */
 	gid_t group;
 	bool auto_stream;
 	uint64_t default_chunk;     /* bytes, for add without chunk_size= */

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -254,6 +255,7 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	m.owner = getuid();
+	clock_gettime(CLOCK_REALTIME, &m.started);
 	m.group = getgid();
 	pthread_mutex_init(&m.add_lock, NULL);
 	pthread_rwlock_init(&m.disks_lock, NULL);

@@ -60,6 +60,7 @@ static int fs_getattr(const char *path, struct stat *st, struct fuse_file_info *
 	struct stat img;
 
 	memset(st, 0, sizeof(*st));
+	st->st_atim = st->st_mtim = st->st_ctim = m->started;
 	if (fh_is_control(fi) || (!fi && is_control(path))) {
 		st->st_mode = S_IFREG | 0600;
 		st->st_nlink = 1;
