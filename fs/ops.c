@@ -155,7 +155,9 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 		if (r < 0) {
 			log_debug(LOG_SUB_FS, "read %s at %lld: %s", md->name, (long long)off,
 				  strerror(-r));
-			return user_errno(r);
+			/* A read that cannot be served is an I/O error to a VM,
+			 * whatever the cause (the reason is in user.streamfs.error). */
+			return r == -ENOMEM || r == -EINTR ? r : -EIO;
 		}
 	}
 	struct fuse_bufvec *bv = malloc(sizeof(*bv));
