@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "common/cleanup.h"
+#include "common/endian.h"
 #include "disk_i.h"
 #include "log.h"
 #include "manifest.h"
@@ -50,18 +51,6 @@ static int name_path(char *buf, size_t n, const char *name, const char *suffix)
 static bool chunk_size_ok(uint64_t cs)
 {
 	return cs >= CACHE_CHUNK_MIN && cs <= CACHE_CHUNK_MAX && !(cs & (cs - 1));
-}
-
-static void put_le32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put_le64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
 }
 
 static void manifest_header(uint8_t *h, uint32_t chunk_size, uint64_t size, uint64_t chunks)

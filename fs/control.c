@@ -115,7 +115,7 @@ static int reply(struct control_session *s, int ret, const char *fmt, ...)
 	return ret;
 }
 
-static void format_progress(char *buf, size_t n, const struct cache_disk_stats *st)
+void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st)
 {
 	/* Never round an incomplete disk up to 100.00. */
 	uint64_t bp = st->size ? (uint64_t)((long double)st->cached * 10000.0L / st->size) : 0;
@@ -131,7 +131,7 @@ char *fs_status_line(struct mount_disk *md)
 	char *line = NULL;
 
 	cache_disk_get_stats(md->disk, &st);
-	format_progress(progress, sizeof(progress), &st);
+	fs_format_progress(progress, sizeof(progress), &st);
 	_cleanup_free_ char *shown = url_redact(cache_disk_url(md->disk));
 	/* error= comes last and runs to the end of the line: it is free text. */
 	if (asprintf(&line,

@@ -107,6 +107,8 @@ int fs_control_read_buf(struct fuse_bufvec **bufp, size_t size, off_t off,
 			struct fuse_file_info *fi);
 int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi);
 void fs_control_release(struct fuse_file_info *fi);
+/* Percent present with two decimals, never 100.00 before complete. */
+void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 /* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
 char *fs_status_line(struct mount_disk *md);
 

@@ -40,10 +40,8 @@ static int xattr_value(struct mount_disk *md, const char *name, char *buf, size_
 	if (!strcmp(name, "cached"))
 		return snprintf(buf, n, "%" PRIu64, st.cached);
 	if (!strcmp(name, "progress")) {
-		uint64_t bp = st.size ? (uint64_t)((long double)st.cached * 10000.0L / st.size) : 0;
-		if (bp >= 10000 && st.cached < st.size)
-			bp = 9999;
-		return snprintf(buf, n, "%" PRIu64 ".%02" PRIu64, bp / 100, bp % 100);
+		fs_format_progress(buf, n, &st);
+		return (int)strlen(buf);
 	}
 	if (!strcmp(name, "rate"))
 		return snprintf(buf, n, "%" PRIu64, st.rate);

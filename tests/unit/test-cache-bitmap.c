@@ -11,34 +11,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "unit.h"
 
 #include "cache/cache_i.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Checks every row before failing; each failure names its row. */
-#define EXPECT(bad, cond, ...)                                        \
-	do {                                                              \
-		if (!(cond)) {                                                \
-			print_error("%s:%d: ", __FILE__, __LINE__);               \
-			print_error(__VA_ARGS__);                                 \
-			print_error("\n");                                        \
-			(bad)++;                                                  \
-		}                                                             \
-	} while (0)
 
-#if defined(__SANITIZE_ADDRESS__)
-#define UNDER_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define UNDER_ASAN 1
-#endif
-#endif
 
 /*
  * Impossible allocations must return NULL under ASan as they do in libc,

@@ -14,28 +14,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "unit.h"
 
 #include "cache.h"
 #include "cache/cache_i.h"
 #include "util.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Checks every row before failing; each failure names its row. */
-#define EXPECT(bad, cond, ...)                                        \
-	do {                                                              \
-		if (!(cond)) {                                                \
-			print_error("%s:%d: ", __FILE__, __LINE__);               \
-			print_error(__VA_ARGS__);                                 \
-			print_error("\n");                                        \
-			(bad)++;                                                  \
-		}                                                             \
-	} while (0)
 
 /* Header field offsets, from the layout in cache/cache_i.h. */
 enum {

@@ -17,29 +17,15 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "unit.h"
 
 #include "util.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
 
 /*
  * Table rows are all checked before the test fails, so one wrong row does
  * not hide the others; each failure names its row.
  */
-#define EXPECT(bad, cond, ...)                                        \
-	do {                                                              \
-		if (!(cond)) {                                                \
-			print_error("%s:%d: ", __FILE__, __LINE__);               \
-			print_error(__VA_ARGS__);                                 \
-			print_error("\n");                                        \
-			(bad)++;                                                  \
-		}                                                             \
-	} while (0)
 
 #define SENTINEL UINT64_C(0xdeadbeefcafef00d)
 

@@ -10,26 +10,11 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "unit.h"
 
 #include "util.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Checks every row before failing; each failure names its row. */
-#define EXPECT(bad, cond, ...)                                        \
-	do {                                                              \
-		if (!(cond)) {                                                \
-			print_error("%s:%d: ", __FILE__, __LINE__);               \
-			print_error(__VA_ARGS__);                                 \
-			print_error("\n");                                        \
-			(bad)++;                                                  \
-		}                                                             \
-	} while (0)
 
 #define MAX UINT64_MAX
 #define SENTINEL UINT64_C(0x5a5a5a5a5a5a5a5a)

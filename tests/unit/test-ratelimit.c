@@ -9,26 +9,11 @@
 #include <math.h>
 #include <stdio.h>
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "unit.h"
 
 #include "ratelimit.h"
 
-#define N_ELEMENTS(a) (sizeof(a) / sizeof((a)[0]))
 
-/* Checks every row before failing; each failure names its row. */
-#define EXPECT(bad, cond, ...)                                        \
-	do {                                                              \
-		if (!(cond)) {                                                \
-			print_error("%s:%d: ", __FILE__, __LINE__);               \
-			print_error(__VA_ARGS__);                                 \
-			print_error("\n");                                        \
-			(bad)++;                                                  \
-		}                                                             \
-	} while (0)
 
 #define NS_PER_S 1000000000ull
 #define KIB 1024ull
