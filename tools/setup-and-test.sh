@@ -23,5 +23,31 @@ meson setup build-asan --wipe -Db_sanitize=address,undefined -Db_lundef=false -D
 ninja -C build-asan
 meson test -C build-asan --print-errorlogs --num-processes 2 || rc=1
 
-if [ $rc -eq 0 ]; then echo "setup-and-test: all suites passed in both builds"; fi
+# A third build with ThreadSanitizer for the streamer, fetch pool and lock
+# paths (the fuzzers build their own sanitizers and are not repeated).
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+meson setup build-tsan --wipe -Db_sanitize=thread -Db_lundef=false -Dtests=enabled >/dev/null 2>&1 ||
+	meson setup build-tsan -Db_sanitize=thread -Db_lundef=false -Dtests=enabled
+ninja -C build-tsan
+meson test -C build-tsan --print-errorlogs --num-processes 2 --suite unit --suite integration || rc=1
+
+# One closing line over the three builds.
+python3 - build-ci build-asan build-tsan <<'PY'
+import json, sys
+passed = failed = skipped = 0
+for d in sys.argv[1:]:
+    try:
+        with open(f"{d}/meson-logs/testlog.json") as f:
+            for line in f:
+                r = json.loads(line).get("result")
+                if r == "OK":
+                    passed += 1
+                elif r == "SKIP":
+                    skipped += 1
+                else:
+                    failed += 1
+    except FileNotFoundError:
+        failed += 1
+print(f"setup-and-test: {passed} passed, {failed} failed, {skipped} skipped")
+PY
 exit $rc
