@@ -73,6 +73,7 @@ struct mount_ctx {
 	bool flush_quit;
 	pthread_t flusher;
 	bool flusher_started;
+	bool started_threads;       /* past fuse_daemonize(): threads may start */
 };
 
 /* mount.c */
@@ -91,6 +92,8 @@ struct mount_disk **mount_list(struct mount_ctx *m, size_t *ret_n);
 /* Adds a disk through the control file: probe, create, load, maybe start. */
 int mount_add(struct mount_ctx *m, const struct fs_add_params *p, char *why, size_t why_size)
 	__attribute__((warn_unused_result));
+/* Starts streaming every disk (stream=auto); call after fuse_daemonize(). */
+void mount_start_streaming(struct mount_ctx *m);
 int mount_flusher_start(struct mount_ctx *m) __attribute__((warn_unused_result));
 void mount_flusher_stop(struct mount_ctx *m);
 void mount_free_disks(struct mount_ctx *m);

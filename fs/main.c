@@ -310,6 +310,7 @@ int main(int argc, char **argv)
 		log_err("cannot start flusher thread: %s", strerror(-r));
 		goto out_signals;
 	}
+	mount_start_streaming(&m);
 
 	struct fuse_loop_config *lc = fuse_loop_cfg_create();
 	if (!lc)

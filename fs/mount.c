@@ -79,6 +79,14 @@ static int table_append(struct mount_ctx *m, struct mount_disk *md)
 	return 0;
 }
 
+static void start_streaming(struct mount_disk *md)
+{
+	int r = cache_disk_stream_start(md->disk);
+
+	if (r < 0 && r != -EALREADY)
+		log_warn("disk %s: cannot start streaming: %s", md->name, strerror(-r));
+}
+
 int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why_size)
 {
 	struct mount_disk *md = calloc(1, sizeof(*md));
@@ -123,12 +131,23 @@ int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why
 		mount_disk_free(md);
 		return r;
 	}
-	if (m->auto_stream) {
-		r = cache_disk_stream_start(md->disk);
-		if (r < 0 && r != -EALREADY)
-			log_warn("disk %s: cannot start streaming: %s", name, strerror(-r));
-	}
+	/* Threads do not survive fuse_daemonize()'s fork: disks loaded
+	 * before it start streaming in mount_start_streaming(). */
+	if (m->auto_stream && m->started_threads)
+		start_streaming(md);
 	return 0;
+}
+
+void mount_start_streaming(struct mount_ctx *m)
+{
+	size_t n = 0;
+
+	m->started_threads = true;
+	if (!m->auto_stream)
+		return;
+	_cleanup_free_ struct mount_disk **list = mount_list(m, &n);
+	for (size_t i = 0; list && i < n; i++)
+		start_streaming(list[i]);
 }
 
 int mount_load_all(struct mount_ctx *m)

@@ -197,5 +197,33 @@ def test_demand_read_does_not_queue_behind_the_streamer():
     server.wait()
 
 
+def test_daemon_mode_streams():
+    """Without -f streamfs detaches (fork): streaming, started after the
+    fork, must still run, and fusermount3 -u ends the daemon."""
+    t = ws().template("daemon.img", 8 * MiB + 5)
+    img = ws().mkdir("images", unique=True)
+    mnt = ws().mkdir("mnt-daemon", unique=True)
+    h.ctl_add(img, "d", "file://" + t.path)
+    p = subprocess.run([h.STREAMFS, "-o", "stream=auto,speed=16M", img, mnt],
+                       capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        fail(f"streamfs (daemon) exited {p.returncode}: {p.stderr}")
+    entry = h.defer(lambda: subprocess.run(["fusermount3", "-u", "-z", mnt]), "daemon mount")
+    try:
+        if not h.is_mounted(mnt, "fuse"):
+            fail("the daemon returned but nothing is mounted")
+        wait_state(os.path.join(mnt, "d"), "complete", 30)
+        if h.sha256_file(os.path.join(mnt, "d")) != t.sha256:
+            fail("daemon-mode disk differs from the template")
+    finally:
+        h.cancel(entry)
+        subprocess.run(["fusermount3", "-u", mnt], timeout=30)
+    deadline = time.monotonic() + 10
+    while h.is_mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if h.is_mounted(mnt):
+        fail("fusermount3 -u did not unmount the daemon")
+
+
 if __name__ == "__main__":
     h.main(globals())
