@@ -91,6 +91,7 @@ struct cache_disk {
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */
 	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
+	atomic_uint_fast64_t rate_since;  /* second streaming last started */
 
 	struct stream st;
 	struct readahead ra;

@@ -85,8 +85,12 @@ uint64_t stream_rate(struct cache_disk *d)
 {
 	uint64_t sec = now_ns() / 1000000000ull;
 	uint64_t sum = 0;
-	const unsigned window = RATE_SLOTS - 3; /* whole seconds before this one */
+	unsigned window = RATE_SLOTS - 3; /* whole seconds before this one */
+	uint64_t since = atomic_load(&d->rate_since);
 
+	/* Just after a start, average over the seconds streamed so far. */
+	if (since && sec > since && sec - since < window)
+		window = (unsigned)(sec - since);
 	for (unsigned k = 1; k <= window; k++) {
 		uint64_t s = sec - k;
 		unsigned slot = (unsigned)(s % RATE_SLOTS);
@@ -291,6 +295,7 @@ int cache_disk_stream_start(struct cache_disk *d)
 	if (r < 0 && st->nthreads == 0)
 		return r;
 	if (st->mode != STREAM_RUNNING) {
+		atomic_store(&d->rate_since, now_ns() / 1000000000ull);
 		st->mode = STREAM_RUNNING;
 		st->backoff_until = 0;
 		st->backoff_ns = 0;
