@@ -13,6 +13,7 @@ void ratelimit_init(struct ratelimit *rl, uint64_t rate, uint64_t now_ns)
 	rl->rate = rate;
 	rl->tokens = 0;
 	rl->last_ns = now_ns;
+	rl->floor = 0;
 }
 
 void ratelimit_destroy(struct ratelimit *rl)
@@ -24,6 +25,8 @@ static void refill_locked(struct ratelimit *rl, uint64_t now_ns)
 {
 	if (now_ns > rl->last_ns && rl->rate) {
 		double cap = (double)rl->rate * (double)RATELIMIT_BURST_NS / 1e9;
+		if (cap < (double)rl->floor)
+			cap = (double)rl->floor;
 		rl->tokens += (double)(now_ns - rl->last_ns) * (double)rl->rate / 1e9;
 		if (rl->tokens > cap)
 			rl->tokens = cap;
@@ -63,6 +66,7 @@ uint64_t ratelimit_reserve(struct ratelimit *rl, uint64_t bytes, uint64_t now_ns
 	if (!rl->rate)
 		return 0;
 	refill_locked(rl, now_ns);
+	rl->floor = bytes;
 	rl->tokens -= (double)bytes;
 	if (rl->tokens >= 0)
 		return 0;

@@ -21,9 +21,14 @@ struct ratelimit {
 	uint64_t rate;        /* bytes/s; 0 = unlimited; guarded by lock */
 	double tokens;        /* bytes of credit, may be negative; guarded by lock */
 	uint64_t last_ns;     /* time of the last refill; guarded by lock */
+	uint64_t floor;       /* bytes of the last reservation: credit may reach
+			       * at least this much, so that a transfer paced
+			       * at the rate (curl's own limit) earns back the
+			       * next reservation; guarded by lock */
 };
 
-/* Credit kept at most, in nanoseconds of the configured rate. */
+/* Credit kept at most, in nanoseconds of the configured rate (or one
+ * reservation's worth when that is more). */
 #define RATELIMIT_BURST_NS 100000000ull
 
 void ratelimit_init(struct ratelimit *rl, uint64_t rate, uint64_t now_ns);

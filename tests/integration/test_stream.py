@@ -80,7 +80,7 @@ def test_speed_limit_honoured_and_changed_while_streaming():
     t = ws().template("limited.img", 96 * MiB)
     img = ws().mkdir("images", unique=True)
     with h.Nginx(ws()) as ng:
-        h.ctl_add(img, "lim", ng.url(t.name), chunk_size="256K")
+        h.ctl_add(img, "lim", ng.url(t.name))  # 1 MiB chunks: half a second each
         m = h.Mount(ws(), img, opts=("stream=auto", "speed=2M")).start()
         disk = m.path("lim")
         if xattr(disk, "speed") != str(2 * MiB):

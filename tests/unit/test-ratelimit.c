@@ -192,6 +192,46 @@ static void test_ratelimit__slow_transfer_not_delayed(void **state)
  * After an idle spell the credit is rate * min(idle, RATELIMIT_BURST_NS):
  * reserving that much plus C waits exactly C/R.
  */
+/*
+ * A consumer that reserves a chunk, waits, and then transfers it paced at
+ * the rate (as curl's own limit does) must not wait again: credit earned
+ * during its own transfer covers the next chunk even when a chunk is worth
+ * more than RATELIMIT_BURST_NS.  Otherwise the two pacings add up and the
+ * stream runs at half the rate.
+ */
+static void test_ratelimit__paced_transfer_earns_next_chunk(void **state)
+{
+	static const struct {
+		uint64_t rate, chunk;
+	} rows[] = {
+		{2 * MIB, 1 * MIB},     /* a chunk is 500 ms of credit */
+		{1 * MIB, 16 * MIB},    /* 16 s */
+		{100 * MIB, 64 * 1024}, /* smaller than the burst */
+	};
+	int bad = 0;
+
+	(void)state;
+	for (size_t i = 0; i < N_ELEMENTS(rows); i++) {
+		struct ratelimit rl;
+		uint64_t per_chunk = (uint64_t)((double)rows[i].chunk * 1e9 / (double)rows[i].rate);
+		uint64_t now = T0;
+
+		ratelimit_init(&rl, rows[i].rate, now);
+		uint64_t w = ratelimit_reserve(&rl, rows[i].chunk, now);
+		EXPECT(bad, near_ns(w, (double)per_chunk), "row %zu: first chunk waited %" PRIu64, i, w);
+		now += w;
+		for (int k = 0; k < 5; k++) {
+			now += per_chunk; /* the paced transfer */
+			w = ratelimit_reserve(&rl, rows[i].chunk, now);
+			EXPECT(bad, w < per_chunk / 100,
+			       "row %zu: chunk %d waited %" PRIu64 " ns after a paced transfer", i, k, w);
+			now += w;
+		}
+		ratelimit_destroy(&rl);
+	}
+	assert_int_equal(bad, 0);
+}
+
 static void test_ratelimit__idle_credit_capped(void **state)
 {
 	static const struct {
@@ -401,6 +441,7 @@ int main(void)
 		cmocka_unit_test(test_ratelimit__debt_accumulates),
 		cmocka_unit_test(test_ratelimit__long_run_average),
 		cmocka_unit_test(test_ratelimit__slow_transfer_not_delayed),
+		cmocka_unit_test(test_ratelimit__paced_transfer_earns_next_chunk),
 		cmocka_unit_test(test_ratelimit__idle_credit_capped),
 		cmocka_unit_test(test_ratelimit__idle_after_debt),
 		cmocka_unit_test(test_ratelimit__set_raise_applies_at_once),
