@@ -26,6 +26,29 @@
 #include "manifest.h"
 #include "util.h"
 
+/* The budget of BACKGROUND_BUFFER_BUDGET: process-wide by nature (it
+ * bounds the process's memory), private to this file. */
+static pthread_mutex_t budget_lock = PTHREAD_MUTEX_INITIALIZER; /* leaf */
+static pthread_cond_t budget_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t budget_used; /* guarded by budget_lock */
+
+/* Waits until len bytes of background buffer budget are free, takes them. */
+static void budget_take(uint64_t len)
+{
+	LOCK_GUARD(&budget_lock);
+	/* A single request larger than the budget runs alone. */
+	while (budget_used && budget_used + len > BACKGROUND_BUFFER_BUDGET)
+		pthread_cond_wait(&budget_cond, &budget_lock);
+	budget_used += len;
+}
+
+static void budget_give(uint64_t len)
+{
+	LOCK_GUARD(&budget_lock);
+	budget_used -= len;
+	pthread_cond_broadcast(&budget_cond);
+}
+
 /* At most this many bytes are fetched by one request of a demand read. */
 #define RUN_MAX_BYTES (8u * 1024 * 1024)
 
@@ -373,6 +396,20 @@ void disk_error_flags(struct cache_disk *d, bool *ret_failed, bool *ret_local)
 	*ret_local = d->local_error;
 }
 
+uint64_t disk_absent_run_end(struct cache_disk *d, uint64_t idx, uint64_t max)
+{
+	LOCK_GUARD(&d->lock);
+	uint64_t last = idx;
+	while (last + 1 < d->nchunks && last + 1 - idx < max && !bitmap_get(&d->present, last + 1))
+		last++;
+	return last;
+}
+
+uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
+{
+	return ((last - first) << d->chunk_shift) + disk_chunk_len(d, last);
+}
+
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from)
 {
 	LOCK_GUARD(&d->lock);
@@ -533,6 +570,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	void *buf = NULL;
 	int r;
 
+	bool background = hint->prio != CACHE_PRIO_DEMAND;
+
+	if (background)
+		budget_take(len);
 	if (!d->src.fetch_range) {
 		r = -EIO;
 	} else if (posix_memalign(&buf, 4096, len)) {
@@ -561,6 +602,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			stream_account(d, len);
 	}
 	free(buf);
+	if (background)
+		budget_give(len);
 	if (r == -EILSEQ) {
 		disk_set_error(d, "chunk %" PRIu64 " (offset %" PRIu64 ") does not match the manifest",
 			       bad, bad << d->chunk_shift);

@@ -46,7 +46,8 @@ struct stream {
 	struct ratelimit rl;      /* own lock */
 };
 
-#define RA_THREADS 2                   /* read-ahead workers per disk */
+#define RA_THREADS 3                   /* read-ahead workers per disk */
+#define RA_RUN_BYTES (4u << 20)        /* read-ahead bytes per request */
 
 /* Read-ahead for sequential demand readers (readahead.c). */
 struct readahead {
@@ -114,6 +115,26 @@ int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 
 /* Reads the failed (template changed) and local_error flags.  Takes d->lock. */
 void disk_error_flags(struct cache_disk *d, bool *ret_failed, bool *ret_local);
+
+/*
+ * The last chunk of the run of absent chunks starting at idx (absent
+ * itself), at most max chunks long.  Takes d->lock.
+ */
+uint64_t disk_absent_run_end(struct cache_disk *d, uint64_t idx, uint64_t max);
+
+/* Bytes of chunks [first, last]. */
+uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last);
+
+/* One request of the streamer or of read-ahead asks for at most this much:
+ * few round trips, and a TCP window's worth in flight per connection. */
+#define STREAM_RUN_BYTES (4u << 20)
+
+/*
+ * Background fills (streamer, read-ahead) of all disks together hold at
+ * most this much in fetch buffers, so memory stays bounded whatever the
+ * number of disks and connections; demand fills are never held back.
+ */
+#define BACKGROUND_BUFFER_BUDGET (32u << 20)
 
 /* First absent chunk at or after from, or -1.  Takes d->lock. */
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from);

@@ -51,11 +51,14 @@ static void *ra_worker(void *opaque)
 			pthread_cond_wait(&ra->cond, &ra->lock);
 			continue;
 		}
-		uint64_t idx = ra->next++;
+		/* A run of chunks per request: one round trip for several. */
+		uint64_t idx = ra->next;
+		uint64_t last = MIN(ra->end, idx + MAX(1u, RA_RUN_BYTES >> d->chunk_shift)) - 1;
+		ra->next = last + 1;
 		pthread_mutex_unlock(&ra->lock);
 		/* Failures are left to the demand read that really needs
 		 * the chunk: it retries and reports. */
-		int r = disk_ensure_chunks(d, idx, idx, &hint);
+		int r = disk_ensure_chunks(d, idx, last, &hint);
 		if (r < 0)
 			log_debug(LOG_SUB_CACHE, "disk %s: read-ahead of chunk %llu: %s", d->name,
 				  (unsigned long long)idx, strerror(-r));

@@ -173,11 +173,15 @@ static void *stream_worker(void *opaque)
 			pthread_mutex_lock(&st->lock);
 			continue;
 		}
-		st->cursor = (uint64_t)idx + 1;
+		/* Unthrottled, a run of absent chunks goes in one request;
+		 * throttled, one chunk at a time keeps the pace smooth. */
+		uint64_t max_run = limited ? 1 : MAX(1u, STREAM_RUN_BYTES >> d->chunk_shift);
+		uint64_t last = disk_absent_run_end(d, (uint64_t)idx, max_run);
+		st->cursor = last + 1;
 		st->active++;
 		pthread_mutex_unlock(&st->lock);
 
-		uint64_t len = disk_chunk_len(d, (uint64_t)idx);
+		uint64_t len = disk_run_len(d, (uint64_t)idx, last);
 		uint64_t wait = ratelimit_reserve(&st->rl, len, now_ns());
 		bool go = true;
 		if (wait) {
@@ -194,7 +198,7 @@ static void *stream_worker(void *opaque)
 				.prio = CACHE_PRIO_STREAM,
 				.max_rate = ratelimit_get(&st->rl),
 			};
-			r = disk_ensure_chunks(d, (uint64_t)idx, (uint64_t)idx, &hint);
+			r = disk_ensure_chunks(d, (uint64_t)idx, last, &hint);
 		}
 
 		bool failed, local_error;

@@ -76,7 +76,7 @@ static void usage(FILE *out)
 		"  timeout=SECONDS        how long a read retries the network before EIO (default %d)\n"
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
-		"  readahead=SIZE         fetch ahead of sequential readers (default 8M with\n"
+		"  readahead=SIZE         fetch ahead of sequential readers (default 32M with\n"
 		"                         stream=auto, 0 = off with stream=manual)\n"
 		"  cafile=FILE, capath=DIR  CA certificates for https templates\n"
 		"  cert=FILE, key=FILE    TLS client certificate and key\n"

@@ -136,7 +136,7 @@ const char *cache_disk_last_modified(const struct cache_disk *d); /* "" when non
 uint64_t cache_disk_size(const struct cache_disk *d);
 uint32_t cache_disk_chunk_size(const struct cache_disk *d);
 
-#define CACHE_READAHEAD_DEFAULT (8u << 20)
+#define CACHE_READAHEAD_DEFAULT (32u << 20)
 #define CACHE_READAHEAD_MAX (64u << 20)
 
 /*
