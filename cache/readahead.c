@@ -4,8 +4,9 @@
  * its last read ended has the next window bytes of absent chunks
  * fetched in the background by a couple of worker threads, so that it
  * finds them present instead of waiting one round trip per chunk.
- * Requests go out with STREAM priority: speculative work never takes the
- * connection kept for real demand reads.  Workers start on first use and
+ * Requests go out like the streamer's (the source serves them after demand
+ * reads and never on the connection kept for those), but they do not count
+ * in the streaming rate.  Workers start on first use and
  * live until the disk is freed.
  */
 #include <errno.h>
@@ -43,7 +44,7 @@ static void *ra_worker(void *opaque)
 {
 	struct cache_disk *d = opaque;
 	struct readahead *ra = &d->ra;
-	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_STREAM};
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_READAHEAD};
 
 	pthread_mutex_lock(&ra->lock);
 	while (!ra->quit) {

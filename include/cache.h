@@ -28,6 +28,7 @@
 enum cache_prio {
 	CACHE_PRIO_DEMAND, /* a reader or writer waits for it */
 	CACHE_PRIO_STREAM, /* the background streamer */
+	CACHE_PRIO_READAHEAD, /* speculative, ahead of a sequential reader */
 };
 
 /* What a source should know about one request. */
