@@ -712,7 +712,41 @@ static bool covers_chunk(const struct cache_disk *d, uint64_t idx, uint64_t off,
 	return off <= start && off + len >= start + disk_chunk_len(d, idx);
 }
 
-int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t off)
+/* Changes [off, off+len) of the image: the data of a write, or a hole. */
+typedef int disk_apply_fn(struct cache_disk *d, const void *arg, uint64_t off, size_t len);
+
+static int apply_write(struct cache_disk *d, const void *buf, uint64_t off, size_t len)
+{
+	return full_pwrite(d->img_fd, buf, len, off);
+}
+
+static int apply_zero(struct cache_disk *d, const void *arg, uint64_t off, size_t len)
+{
+	(void)arg;
+	if (fallocate(d->img_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+		      (off_t)len) == 0)
+		return 0;
+	if (errno != EOPNOTSUPP && errno != ENOSYS)
+		return -errno;
+	static const char zeros[65536];
+	for (size_t done = 0; done < len;) {
+		size_t n = MIN(len - done, sizeof(zeros));
+		int r = full_pwrite(d->img_fd, zeros, n, off + done);
+		if (r < 0)
+			return r;
+		done += n;
+	}
+	return 0;
+}
+
+/*
+ * The disk's user changes [off, off+len) with apply.  Partially covered
+ * absent chunks are first filled from the template; wholly covered ones
+ * are claimed (so no fill can overwrite them), changed and marked present.
+ * Returns the bytes changed (clamped to the disk's end) or -errno.
+ */
+static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_apply_fn *apply,
+		       const void *arg)
 {
 	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
 	uint64_t size = d->meta.size;
@@ -771,7 +805,7 @@ int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t
 		if (r < 0)
 			goto finish;
 	}
-	r = full_pwrite(d->img_fd, buf, len, off);
+	r = apply(d, arg, off, len);
 	atomic_fetch_add(&d->writes_since_sync, 1);
 	if (r < 0)
 		note_fill_error(d, first, last, r, true);
@@ -783,6 +817,29 @@ finish:
 			inflight_finish_locked(d, claims[k], r);
 	pthread_mutex_unlock(&d->lock);
 	return r < 0 ? r : (int)len;
+}
+
+int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t off)
+{
+	return disk_modify(d, off, len, apply_write, buf);
+}
+
+int cache_disk_zero(struct cache_disk *d, uint64_t off, uint64_t len)
+{
+	uint64_t size = d->meta.size;
+
+	if (off >= size || len == 0)
+		return off > size ? -EINVAL : 0;
+	len = MIN(len, size - off);
+	/* In pieces, so that one call never claims an unbounded set of chunks. */
+	for (uint64_t done = 0; done < len;) {
+		size_t n = (size_t)MIN(len - done, (uint64_t)RUN_MAX_BYTES);
+		int r = disk_modify(d, off + done, n, apply_zero, NULL);
+		if (r < 0)
+			return r;
+		done += n;
+	}
+	return 0;
 }
 
 bool cache_disk_dirty(struct cache_disk *d)

@@ -260,6 +260,30 @@ static int fs_utimens(const char *path, const struct timespec tv[2], struct fuse
 	return futimens(cache_disk_fd(md->disk), tv) < 0 ? -errno : 0;
 }
 
+static int fs_fallocate(const char *path, int mode, off_t off, off_t len,
+			struct fuse_file_info *fi)
+{
+	struct mount_disk *md = disk_of(path, fi);
+
+	if (!md || off < 0 || len <= 0)
+		return md ? -EINVAL : -EBADF;
+	if (mount_ctx_get()->opts.readonly)
+		return -EROFS;
+	uint64_t end = (uint64_t)off + (uint64_t)len;
+	/* Making room inside the disk: nothing to do, every byte exists. */
+	if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE)
+		return end <= cache_disk_size(md->disk) || mode ? 0 : -EPERM;
+	/* Discard (QEMU's discard=unmap) and write-zeroes read as zeros. */
+	if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) ||
+	    mode == FALLOC_FL_ZERO_RANGE || mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
+		if (!(mode & FALLOC_FL_KEEP_SIZE) && end > cache_disk_size(md->disk))
+			return -EPERM;
+		int r = cache_disk_zero(md->disk, (uint64_t)off, (uint64_t)len);
+		return r < 0 ? user_errno(r) : 0;
+	}
+	return -EOPNOTSUPP;
+}
+
 static int fs_statfs(const char *path, struct statvfs *st)
 {
 	(void)path;
@@ -350,6 +374,7 @@ const struct fuse_operations fs_ops = {
 	.chown = fs_chown,
 	.utimens = fs_utimens,
 	.statfs = fs_statfs,
+	.fallocate = fs_fallocate,
 	.lseek = fs_lseek,
 	.mknod = fs_mknod,
 	.mkdir = fs_mkdir,

@@ -171,6 +171,15 @@ int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t
 	__attribute__((warn_unused_result));
 
 /*
+ * Makes [off, off+len) read as zeros (fallocate PUNCH_HOLE or ZERO_RANGE,
+ * e.g. a VM's discard): holes in the local image, like a write of zeros
+ * but without the data.  Partially covered absent chunks are filled from
+ * the template first.  Returns 0 or -errno; durable after cache_disk_sync.
+ */
+int cache_disk_zero(struct cache_disk *d, uint64_t off, uint64_t len)
+	__attribute__((warn_unused_result));
+
+/*
  * Makes all data written so far and the bitmap bits that cover them
  * durable: fdatasync of the image, then the dirty bitmap pages, then
  * fdatasync of the metadata.  Also records completion.  Returns 0 or

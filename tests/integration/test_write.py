@@ -44,6 +44,7 @@ def template(kind):
         "full.img": 96 * MiB,
         "race.img": 32 * MiB,
         "mmap.img": 4 * MiB + 100,
+        "discard.img": 6 * MiB + 333,
     }
     return ws().template(kind, sizes[kind])
 
@@ -442,6 +443,64 @@ def test_whole_chunk_writes_fetch_nothing():
             finally:
                 os.close(fd)
             expect_equal("whole disk", read_file_all(path), bytes(want))
+
+
+def _fallocate(fd, mode, off, length):
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def test_discard_reads_zeros_and_fetches_only_edges():
+    """fallocate PUNCH_HOLE (a VM's discard) and ZERO_RANGE: the range reads
+    as zeros at once and after remount with no server; whole chunks need no
+    fetch, ragged edges fetch just their chunk; the rest is the template."""
+    t = template("discard.img")
+    chunk = 256 * KiB
+    with h.Nginx(ws()) as ng:
+        img = image_dir()
+        h.ctl_add(img, "dz", ng.url(t.name), chunk_size="256K")
+        want = bytearray(t.read())
+        m = h.Mount(ws(), img).start()
+        path = m.path("dz")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            ng.mark()
+            off, ln = 3 * chunk + 1000, 4 * chunk  # chunks 3 and 7 partial, 4-6 whole
+            _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, ln)
+            want[off:off + ln] = bytes(ln)
+            recs, rs = get_fetches(ng, t.name)
+            if sorted(chunks_in(rs, chunk)) != [3, 7]:
+                fail(f"discard over chunks 3(part)..7(part) fetched {recs}, expected chunks 3, 7")
+            off2, ln2 = 12 * chunk, chunk + 5  # chunk 12 whole, 13 partial
+            _fallocate(fd, FALLOC_FL_ZERO_RANGE, off2, ln2)
+            want[off2:off2 + ln2] = bytes(ln2)
+            for a in range(3 * chunk, 15 * chunk, 128 * KiB):
+                expect_equal(f"after discard, at {a}", pread_direct(path, a, 128 * KiB),
+                             bytes(want[a:a + 128 * KiB]))
+            # The disk's size never changes.
+            try:
+                _fallocate(fd, 0, t.size - 10, 100)
+                fail("fallocate past the end succeeded")
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EINVAL, errno.EFBIG):
+                    fail(f"fallocate past the end: {e}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        control(m, "start dz")
+        wait_state(path, "complete", 60)
+        m.stop()
+    m2 = h.Mount(ws(), img).start()
+    expect_equal("whole disk after remount, no server", read_file_all(m2.path("dz")), bytes(want))
+    m2.stop()
 
 
 # ---------------------------------------------------------------------------
