@@ -76,8 +76,7 @@ static void usage(FILE *out)
 		"  timeout=SECONDS        how long a read retries the network before EIO (default %d)\n"
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
-		"  readahead=SIZE         fetch ahead of sequential readers (default 32M with\n"
-		"                         stream=auto, 0 = off with stream=manual)\n"
+		"  readahead=SIZE         fetch ahead of sequential readers (default 32M, 0 = off)\n"
 		"  cafile=FILE, capath=DIR  CA certificates for https templates\n"
 		"  cert=FILE, key=FILE    TLS client certificate and key\n"
 		"  insecure               do not verify TLS certificates (logs a warning)\n"
@@ -173,9 +172,7 @@ static int opts_check(struct mount_ctx *m)
 		}
 		m->default_chunk = cs;
 	}
-	/* stream=manual means only what is asked for is fetched, so read-ahead
-	 * is off there unless asked for. */
-	m->readahead = m->auto_stream ? CACHE_READAHEAD_DEFAULT : 0;
+	m->readahead = CACHE_READAHEAD_DEFAULT;
 	if (o->readahead && (parse_size(o->readahead, &m->readahead) < 0 ||
 			     m->readahead > CACHE_READAHEAD_MAX)) {
 		fprintf(stderr, "streamfs: bad option readahead=%s: use 0 to 64M\n", o->readahead);

@@ -356,6 +356,10 @@ static void *fs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
 		conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
 	conn->want &= ~(unsigned)FUSE_CAP_ATOMIC_O_TRUNC;
+	/* Every change to a disk comes through this mount, so the kernel's
+	 * cache is never stale: do not drop it when the local image's mtime
+	 * moves (it does, as the streamer writes). */
+	conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA;
 	return fuse_get_context()->private_data;
 }
 

@@ -417,17 +417,16 @@ def test_persistence_and_offline_eio():
         expect_equal("present data after EIO", h.pread_all(m.path("p"), r_off, r_len), first)
 
 
-def test_manual_mode_fetches_only_demanded_chunks():
-    # Contract: with stream=manual only demand reads fetch, and a read
-    # fetches only the chunks it covers.  O_DIRECT sequential reads keep
-    # the kernel's own read-ahead out of the picture.
+def _sequential_reads_in_chunk3(readahead):
+    """8 sequential O_DIRECT 64 KiB reads inside chunk 3 of a stream=manual
+    mount; returns (template, fetched ranges)."""
     t = template("manual.img")
     chunk = MiB
     with h.Nginx(ws()) as ng:
         img = image_dir()
         h.ctl_add(img, "m", ng.url(t.name), chunk_size="1M")
         ng.mark()
-        with h.Mount(ws(), img) as m:
+        with h.Mount(ws(), img, opts=("stream=manual", f"readahead={readahead}")) as m:
             off, piece, n = 3 * MiB, 64 * KiB, 8
             fd = os.open(m.path("m"), os.O_RDONLY | os.O_DIRECT)
             try:
@@ -441,12 +440,30 @@ def test_manual_mode_fetches_only_demanded_chunks():
             time.sleep(1)  # give any background prefetch time to show
             recs = ng.records()
         rs = check_fetches(recs, chunk, t.size)
-        outside = [(a, b) for a, b in rs if a < 3 * MiB or b >= 4 * MiB]
-        if outside:
-            fail(f"stream=manual: 8 sequential 64 KiB reads inside chunk 3 also fetched "
-                 f"{sum(b - a + 1 for a, b in outside)} bytes outside it: {outside}")
         if h.overlapping(rs):
             fail(f"a chunk was fetched twice: {rs}")
+    return t, rs
+
+
+def test_manual_mode_fetches_only_demanded_chunks():
+    # Contract: with stream=manual and readahead=0 only demand reads
+    # fetch, and a read fetches only the chunks it covers.  O_DIRECT
+    # sequential reads keep the kernel's own read-ahead out of the picture.
+    t, rs = _sequential_reads_in_chunk3("0")
+    outside = [(a, b) for a, b in rs if a < 3 * MiB or b >= 4 * MiB]
+    if outside:
+        fail(f"stream=manual,readahead=0: 8 sequential 64 KiB reads inside chunk 3 also fetched "
+             f"{sum(b - a + 1 for a, b in outside)} bytes outside it: {outside}")
+
+
+def test_readahead_fetches_ahead_of_a_sequential_reader():
+    # With read-ahead (4M here), a sequential reader has the next chunks
+    # fetched for it in the background: chunks 4..7, and nothing before.
+    t, rs = _sequential_reads_in_chunk3("4M")
+    if not h.covered(rs, 3 * MiB, 8 * MiB - 1):
+        fail(f"read-ahead 4M after sequential reads in chunk 3 did not fetch chunks 4-7: {rs}")
+    if any(a < 3 * MiB for a, b in rs):
+        fail(f"read-ahead fetched chunks before the reader: {rs}")
 
 
 def test_remount_whole_read_fetches_only_absent():

@@ -16,7 +16,8 @@
   signature (checked by a small Python server that recomputes it).
 
 Disks are added through the mount's control file, which uses the mount's
-TLS and header options.  Mounts use -o stream=manual.
+TLS and header options.  Mounts use -o stream=manual,readahead=0 so that
+only the reads a test makes fetch.
 
 Run: python3 tests/integration/test_tls.py [test_name...]
 (meson: meson test -C build --suite integration -v test_tls)
@@ -381,7 +382,7 @@ def test_tls_cafile():
     t = template()
     with https_nginx() as ng:
         url = f"https://127.0.0.1:{ng.ports[0]}/{t.name}"
-        with h.Mount(ws(), image_dir(), opts=["stream=manual", f"cafile={pki().ca}"],
+        with h.Mount(ws(), image_dir(), opts=["stream=manual", "readahead=0", f"cafile={pki().ca}"],
                      allow=FETCH_ERRORS) as m:
             add_ok(m, "viaca", url)
             expect_cmp(m.path("viaca"), t)
@@ -399,7 +400,7 @@ def test_tls_capath():
     t = template()
     with https_nginx() as ng:
         url = f"https://127.0.0.1:{ng.ports[0]}/{t.name}"
-        with h.Mount(ws(), image_dir(), opts=["stream=manual", f"capath={pki().capath}"]) as m:
+        with h.Mount(ws(), image_dir(), opts=["stream=manual", "readahead=0", f"capath={pki().capath}"]) as m:
             add_ok(m, "viapath", url)
             expect_cmp(m.path("viapath"), t)
 
@@ -408,7 +409,7 @@ def test_tls_insecure_warns():
     t = template()
     with https_nginx() as ng:
         url = f"https://127.0.0.1:{ng.ports[0]}/{t.name}"
-        with h.Mount(ws(), image_dir(), opts=["stream=manual", "insecure"]) as m:
+        with h.Mount(ws(), image_dir(), opts=["stream=manual", "readahead=0", "insecure"]) as m:
             warn = [l for l in m.stderr().splitlines()
                     if re.search(r"(?i)verif|insecure", l)
                     and re.search(r"(?i)\boff\b|disabled|not verif|insecure|no tls", l)]
@@ -425,11 +426,11 @@ def test_tls_client_certificate():
     p = pki()
     with https_nginx() as ng:
         url = f"https://127.0.0.1:{ng.ports[1]}/{t.name}"
-        with h.Mount(ws(), image_dir(), opts=["stream=manual", f"cafile={p.ca}"],
+        with h.Mount(ws(), image_dir(), opts=["stream=manual", "readahead=0", f"cafile={p.ca}"],
                      allow=FETCH_ERRORS) as m:
             add_refused(m, "nocert", url, r"(?i)HTTP 400|certificate|TLS|SSL|denied|handshake",
                         "add from a server that wants a client certificate, without cert=")
-        opts = ["stream=manual", f"cafile={p.ca}", f"cert={p.client}", f"key={p.client_key}"]
+        opts = ["stream=manual", "readahead=0", f"cafile={p.ca}", f"cert={p.client}", f"key={p.client_key}"]
         with h.Mount(ws(), image_dir(), opts=opts) as m:
             ng.mark()
             add_ok(m, "withcert", url)
@@ -513,7 +514,7 @@ def test_header_file_and_rotation():
     hf = write_private(os.path.join(ws().mkdir("hdr", unique=True), "headers"),
                        f"# streamfs test\n\nAuthorization: Bearer {TOKEN}\n")
     with TokenNginx(ws(), TOKEN).start() as ng:
-        with h.Mount(ws(), image_dir(), opts=["stream=manual", f"header_file={hf}"]) as m:
+        with h.Mount(ws(), image_dir(), opts=["stream=manual", "readahead=0", f"header_file={hf}"]) as m:
             add_ok(m, "tok", ng.url(t.name))
             d = m.path("tok")
             if h.pread_all(d, 0, 100 * KiB) != t.read(0, 100 * KiB):
@@ -546,10 +547,10 @@ def test_header_file_must_be_private():
                        mode=0o644)
     for mode in (0o644, 0o640, 0o604):
         os.chmod(hf, mode)
-        expect_mount_refused(img, ["stream=manual", f"header_file={hf}"],
+        expect_mount_refused(img, ["stream=manual", "readahead=0", f"header_file={hf}"],
                              r"(?i)header.*(group|other|world|mode|permission|readable|600)",
                              f"header_file with mode {mode:04o}", secrets=[TOKEN])
-    expect_mount_refused(img, ["stream=manual", f"header_file={hf}.missing"],
+    expect_mount_refused(img, ["stream=manual", "readahead=0", f"header_file={hf}.missing"],
                          r"(?i)header.*(No such file|missing|not found|cannot)",
                          "a missing header_file")
     if h.listdir_set(img):
@@ -610,7 +611,7 @@ def test_credentials_never_shown():
         base = f"127.0.0.1:{ng.port}"
         url = f"http://user:{PASSWORD}@{base}/{t.name}?sig={query}"
         url2 = f"http://user:{PASSWORD}@{base}/{t2.name}"
-        opts = ["stream=manual", f"header_file={hf}", "debug=all", "timeout=3"]
+        opts = ["stream=manual", "readahead=0", f"header_file={hf}", "debug=all", "timeout=3"]
         with h.Mount(ws(), image_dir(), opts=opts, allow=FETCH_ERRORS + [
                 r"(?i)exists|invalid|bad|name|not found|timed out|EIO|I/O"]) as m:
             outputs.append(("add reply", add_ok(m, "cred", url)))
@@ -677,7 +678,7 @@ def test_credentials_never_shown():
             fail(f"{meta} has mode {os.stat(meta).st_mode & 0o777:o}, expected 0600")
         # Once more with -d: FUSE's request trace and every debug message.
         ng.set_password(PASSWORD)
-        with TraceMount(ws(), image_dir(), opts=["stream=manual", f"header_file={hf}"],
+        with TraceMount(ws(), image_dir(), opts=["stream=manual", "readahead=0", f"header_file={hf}"],
                         allow=FETCH_ERRORS + [r"(?i)exists", r"^streamfs: debug: "]) as m:
             add_ok(m, "cred", url)
             if h.pread_all(m.path("cred"), 0, CHUNK) != t.read(0, CHUNK):
@@ -844,7 +845,7 @@ def test_aws_sigv4():
     t = template()
     cred = aws_credentials_file()
     srv = RecordingRangeServer(ws().www)
-    opts = ["stream=manual", "aws_sigv4=aws:amz:us-east-1:s3", f"aws_credentials={cred}",
+    opts = ["stream=manual", "readahead=0", "aws_sigv4=aws:amz:us-east-1:s3", f"aws_credentials={cred}",
             "debug=all"]
     with h.Mount(ws(), image_dir(), opts=opts) as m:
         add_ok(m, "s3", srv.url(t.name))
@@ -875,12 +876,12 @@ def test_aws_credentials_must_be_private():
     cred = aws_credentials_file(mode=0o644)
     for mode in (0o644, 0o660):
         os.chmod(cred, mode)
-        expect_mount_refused(img, ["stream=manual", "aws_sigv4=aws:amz:us-east-1:s3",
+        expect_mount_refused(img, ["stream=manual", "readahead=0", "aws_sigv4=aws:amz:us-east-1:s3",
                                    f"aws_credentials={cred}"],
                              r"(?i)credential.*(group|other|world|mode|permission|readable|600)",
                              f"aws_credentials with mode {mode:04o}", secrets=[AWS_SECRET])
     os.chmod(cred, 0o600)
-    expect_mount_refused(img, ["stream=manual", "aws_sigv4=aws:amz:us-east-1:s3"],
+    expect_mount_refused(img, ["stream=manual", "readahead=0", "aws_sigv4=aws:amz:us-east-1:s3"],
                          r"(?i)aws_credentials",
                          "aws_sigv4 without aws_credentials", secrets=[AWS_SECRET])
     if h.listdir_set(img):
