@@ -42,6 +42,9 @@ struct stream {
 	unsigned nthreads;        /* threads started; guarded */
 	unsigned active;          /* workers with a chunk in hand; guarded */
 	uint64_t next_commit_ns;  /* when the streamer next syncs; guarded */
+	uint64_t run_chunks;      /* chunks per request now: starts at 1 and
+				   * doubles, so that a VM's first reads right
+				   * after a start never wait behind a big run */
 	pthread_t *threads;       /* nthreads entries; guarded */
 	struct ratelimit rl;      /* own lock */
 };

@@ -175,7 +175,9 @@ static void *stream_worker(void *opaque)
 		}
 		/* Unthrottled, a run of absent chunks goes in one request;
 		 * throttled, one chunk at a time keeps the pace smooth. */
-		uint64_t max_run = limited ? 1 : MAX(1u, STREAM_RUN_BYTES >> d->chunk_shift);
+		uint64_t cap = limited ? 1 : MAX(1u, STREAM_RUN_BYTES >> d->chunk_shift);
+		uint64_t max_run = MIN(cap, MAX(1u, st->run_chunks));
+		st->run_chunks = MIN(cap, 2 * max_run);
 		uint64_t last = disk_absent_run_end(d, (uint64_t)idx, max_run);
 		st->cursor = last + 1;
 		st->active++;
@@ -303,6 +305,7 @@ int cache_disk_stream_start(struct cache_disk *d)
 		st->mode = STREAM_RUNNING;
 		st->backoff_until = 0;
 		st->backoff_ns = 0;
+		st->run_chunks = 1;
 		if (st->cursor >= d->nchunks)
 			st->cursor = 0;
 	}
