@@ -466,6 +466,28 @@ def test_readahead_fetches_ahead_of_a_sequential_reader():
         fail(f"read-ahead fetched chunks before the reader: {rs}")
 
 
+def test_connections_are_reused():
+    # Many chunk requests travel over at most `connections` keep-alive
+    # connections (nginx numbers each connection in its access log).
+    t = template("whole.img")
+    with h.Nginx(ws()) as ng:
+        img = image_dir()
+        h.ctl_add(img, "c", ng.url(t.name), chunk_size="64K")
+        ng.mark()
+        with h.Mount(ws(), img, opts=("stream=auto", "connections=2")) as m:
+            deadline = time.monotonic() + 60
+            while os.getxattr(m.path("c"), "user.streamfs.state") != b"complete":
+                if time.monotonic() > deadline:
+                    fail("streaming did not complete")
+                time.sleep(0.05)
+            expect_equal("streamed disk", h.pread_all(m.path("c"), 0, t.size), t.read())
+        recs = ng.records(uri="/" + t.name)
+        conns = {r.conn for r in recs}
+        h.log(f"{len(recs)} requests over {len(conns)} connections")
+        if len(recs) < 5 or len(conns) > 2:
+            fail(f"{len(recs)} requests used {len(conns)} connections, expected at most 2")
+
+
 def test_remount_whole_read_fetches_only_absent():
     t = template("whole.img")
     chunk = 64 * KiB
