@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
- * One disk's local image: creation, opening, demand fills, writes,
- * durability (commit of data then bitmap), statistics and SEEK_HOLE.
+ * One disk's local image: creation, opening, the chunk claim protocol and
+ * demand fills, and durability (commit of data then bitmap).  Writes are
+ * in write.c, manifests in integrity.c, progress views in query.c.
  *
  * Called from FUSE worker threads, control handlers and streamer threads.
  * The source is called with no lock held; concurrent requests for the
@@ -64,7 +65,7 @@ const char *cache_state_name(enum cache_state s)
 	return "?";
 }
 
-static int name_path(char *buf, size_t n, const char *name, const char *suffix)
+int disk_name_path(char *buf, size_t n, const char *name, const char *suffix)
 {
 	int r = snprintf(buf, n, "%s%s", name, suffix);
 
@@ -74,90 +75,6 @@ static int name_path(char *buf, size_t n, const char *name, const char *suffix)
 static bool chunk_size_ok(uint64_t cs)
 {
 	return cs >= CACHE_CHUNK_MIN && cs <= CACHE_CHUNK_MAX && !(cs & (cs - 1));
-}
-
-static void manifest_header(uint8_t *h, uint32_t chunk_size, uint64_t size, uint64_t chunks)
-{
-	memset(h, 0, MANIFEST_FILE_HEADER);
-	memcpy(h, MANIFEST_FILE_MAGIC, 8);
-	put_le32(h + 8, 1);
-	put_le32(h + 12, chunk_size);
-	put_le64(h + 16, size);
-	put_le64(h + 24, chunks);
-	put_le32(h + 32, meta_crc32c(h, 32));
-}
-
-/* Writes NAME.manifest (fsynced); removed again by the caller on failure. */
-static int manifest_file_write(int dirfd, const char *path, const struct manifest *mf)
-{
-	uint8_t h[MANIFEST_FILE_HEADER];
-	_cleanup_close_ int fd = openat(dirfd, path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-	int r;
-
-	if (fd < 0)
-		return -errno;
-	manifest_header(h, mf->chunk_size, mf->size, mf->chunks);
-	r = full_pwrite(fd, h, sizeof(h), 0);
-	if (r >= 0)
-		r = full_pwrite(fd, mf->hashes, mf->chunks * MANIFEST_HASH_LEN, MANIFEST_FILE_HEADER);
-	if (r >= 0 && fsync(fd) < 0)
-		r = -errno;
-	return r;
-}
-
-/* Sets the bits of the manifest's zero chunks in a new metadata file. */
-static int preset_zero_chunks(int meta_fd, const struct manifest *mf)
-{
-	struct bitmap b;
-	int r = bitmap_init(&b, mf->chunks);
-
-	if (r < 0)
-		return r;
-	for (uint64_t i = 0; i < mf->chunks; i++)
-		if (manifest_chunk_is_zero(mf, i))
-			bitmap_set(&b, i);
-	r = full_pwrite(meta_fd, b.bits, bitmap_bytes(mf->chunks), META_BITMAP_OFFSET);
-	bitmap_destroy(&b);
-	return r;
-}
-
-/* Opens and checks NAME.manifest against the disk's metadata. */
-static int manifest_file_open(int dirfd, const char *name, const struct meta *m, char *why,
-			      size_t why_size)
-{
-	char path[DISK_NAME_MAX + 16];
-	uint8_t h[MANIFEST_FILE_HEADER], want[MANIFEST_FILE_HEADER];
-	struct stat st;
-	uint64_t chunks = meta_chunks(m);
-
-	if (name_path(path, sizeof(path), name, ".manifest") < 0)
-		return -ENAMETOOLONG;
-	_cleanup_close_ int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0) {
-		int e = errno;
-		snprintf(why, why_size, "cannot open manifest %s: %s", path, strerror(e));
-		return -e;
-	}
-	manifest_header(want, m->chunk_size, m->size, chunks);
-	if (full_pread(fd, h, sizeof(h), 0) < 0 || memcmp(h, want, sizeof(h)) ||
-	    fstat(fd, &st) < 0 ||
-	    (uint64_t)st.st_size != MANIFEST_FILE_HEADER + chunks * MANIFEST_HASH_LEN) {
-		snprintf(why, why_size, "manifest %s is corrupt or does not match the disk", path);
-		return -EBADMSG;
-	}
-	return steal_fd(fd);
-}
-
-/* The manifest's hash of chunk idx; 0, or -errno. */
-static int manifest_hash_of(const struct cache_disk *d, uint64_t idx, uint8_t *out)
-{
-	return full_pread(d->manifest_fd, out, MANIFEST_HASH_LEN,
-			  MANIFEST_FILE_HEADER + idx * MANIFEST_HASH_LEN);
-}
-
-bool cache_disk_has_manifest(const struct cache_disk *d)
-{
-	return d->manifest_fd >= 0;
 }
 
 int cache_disk_create(int dirfd, const char *name, const struct cache_disk_params *p)
@@ -173,9 +90,9 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	if (!disk_name_valid(name) || !p || !p->url || p->size == 0 ||
 	    !chunk_size_ok(p->chunk_size))
 		return -EINVAL;
-	if (name_path(img, sizeof(img), name, ".img") < 0 ||
-	    name_path(meta, sizeof(meta), name, ".meta") < 0 ||
-	    name_path(man, sizeof(man), name, ".manifest") < 0 ||
+	if (disk_name_path(img, sizeof(img), name, ".img") < 0 ||
+	    disk_name_path(meta, sizeof(meta), name, ".meta") < 0 ||
+	    disk_name_path(man, sizeof(man), name, ".manifest") < 0 ||
 	    snprintf(tmp, sizeof(tmp), ".%s.meta.tmp", name) >= (int)sizeof(tmp))
 		return -ENAMETOOLONG;
 	if (p->manifest && (p->manifest->size != p->size ||
@@ -217,9 +134,9 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	if (r >= 0 && p->manifest) {
 		/* Zero chunks are present from the start: the new image is
 		 * all holes there, so they are never fetched. */
-		r = manifest_file_write(dirfd, man, p->manifest);
+		r = disk_manifest_file_write(dirfd, man, p->manifest);
 		if (r >= 0)
-			r = preset_zero_chunks(meta_fd, p->manifest);
+			r = disk_preset_zero_chunks(meta_fd, p->manifest);
 	}
 	if (r >= 0 && (fsync(meta_fd) < 0 || fsync(img_fd) < 0))
 		r = -errno;
@@ -257,8 +174,8 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		snprintf(why, why_size, "invalid disk name");
 		return -EINVAL;
 	}
-	if (name_path(img, sizeof(img), name, ".img") < 0 ||
-	    name_path(meta, sizeof(meta), name, ".meta") < 0)
+	if (disk_name_path(img, sizeof(img), name, ".img") < 0 ||
+	    disk_name_path(meta, sizeof(meta), name, ".meta") < 0)
 		return -ENAMETOOLONG;
 
 	struct cache_disk *d = calloc(1, sizeof(*d));
@@ -296,7 +213,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		goto fail;
 	}
 	if (d->meta.flags & META_FLAG_MANIFEST) {
-		d->manifest_fd = manifest_file_open(dirfd, name, &d->meta, why, why_size);
+		d->manifest_fd = disk_manifest_file_open(dirfd, name, &d->meta, why, why_size);
 		if (d->manifest_fd < 0) {
 			r = d->manifest_fd;
 			goto fail;
@@ -416,7 +333,7 @@ int64_t disk_next_absent(struct cache_disk *d, uint64_t from)
 	return bitmap_next_clear(&d->present, from);
 }
 
-static struct inflight *inflight_find_locked(struct cache_disk *d, uint64_t idx)
+struct inflight *inflight_find_locked(struct cache_disk *d, uint64_t idx)
 {
 	for (struct inflight *f = d->inflight; f; f = f->next)
 		if (f->idx == idx)
@@ -425,7 +342,7 @@ static struct inflight *inflight_find_locked(struct cache_disk *d, uint64_t idx)
 }
 
 /* Claims chunk idx for this thread; caller has checked it is absent and free. */
-static struct inflight *inflight_claim_locked(struct cache_disk *d, uint64_t idx)
+struct inflight *inflight_claim_locked(struct cache_disk *d, uint64_t idx)
 {
 	struct inflight *f = calloc(1, sizeof(*f));
 
@@ -449,7 +366,7 @@ static void inflight_unref_locked(struct inflight *f)
  * bitmap page dirty.  Unlinks the entry so that after a failure the next
  * caller may try again, and wakes every waiter.
  */
-static void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result)
+void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result)
 {
 	if (result >= 0) {
 		bitmap_set(&d->present, f->idx);
@@ -468,7 +385,7 @@ static void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int
 }
 
 /* Waits for another thread's fill of f; returns its result. */
-static int inflight_wait_locked(struct cache_disk *d, struct inflight *f)
+int inflight_wait_locked(struct cache_disk *d, struct inflight *f)
 {
 	while (!f->done)
 		pthread_cond_wait(&d->fill_cond, &d->lock);
@@ -503,7 +420,7 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 }
 
 /* Classifies a failure and records it for user.streamfs.error. */
-static void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
+void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 			    bool local)
 {
 	char src_err[160] = "";
@@ -527,36 +444,6 @@ static void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last,
 	}
 	disk_set_error(d, "cannot fetch chunks %" PRIu64 "-%" PRIu64 ": %s", first, last,
 		       src_err[0] ? src_err : strerror(-r));
-}
-
-/*
- * Checks the fetched chunks [a, b] in buf against the manifest.  Returns
- * 0, -EILSEQ with *ret_bad set to the first mismatching chunk, or -errno.
- */
-static int verify_run(struct cache_disk *d, const uint8_t *buf, uint64_t a, uint64_t b,
-		      uint64_t *ret_bad)
-{
-	uint8_t want[MANIFEST_HASH_LEN], got[MANIFEST_HASH_LEN];
-	int r;
-
-	if (d->manifest_fd < 0)
-		return 0;
-	for (uint64_t i = a; i <= b; i++) {
-		const uint8_t *chunk = buf + ((i - a) << d->chunk_shift);
-		uint64_t len = disk_chunk_len(d, i);
-		r = manifest_hash_of(d, i, want);
-		if (r < 0)
-			return r;
-		if (buf_is_zero(want, sizeof(want)))
-			r = buf_is_zero(chunk, len) ? 0 : -EILSEQ;
-		else if ((r = manifest_sha256(chunk, len, got)) == 0)
-			r = memcmp(want, got, sizeof(got)) ? -EILSEQ : 0;
-		if (r == -EILSEQ)
-			*ret_bad = i;
-		if (r < 0)
-			return r;
-	}
-	return 0;
 }
 
 /* Fetches chunks [a, b], all claimed by the caller, and finishes the claims. */
@@ -586,7 +473,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		for (int attempt = 0; attempt < 2; attempt++) {
 			r = d->src.fetch_range(d->src.opaque, buf, len, off, hint);
 			if (r >= 0)
-				r = verify_run(d, buf, a, b, &bad);
+				r = disk_verify_run(d, buf, a, b, &bad);
 			if (r != -EILSEQ)
 				break;
 			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
@@ -704,144 +591,6 @@ int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
 				  &hint);
 }
 
-/* True when [off, off+len) covers every byte of chunk idx. */
-static bool covers_chunk(const struct cache_disk *d, uint64_t idx, uint64_t off, uint64_t len)
-{
-	uint64_t start = idx << d->chunk_shift;
-
-	return off <= start && off + len >= start + disk_chunk_len(d, idx);
-}
-
-/* Changes [off, off+len) of the image: the data of a write, or a hole. */
-typedef int disk_apply_fn(struct cache_disk *d, const void *arg, uint64_t off, size_t len);
-
-static int apply_write(struct cache_disk *d, const void *buf, uint64_t off, size_t len)
-{
-	return full_pwrite(d->img_fd, buf, len, off);
-}
-
-static int apply_zero(struct cache_disk *d, const void *arg, uint64_t off, size_t len)
-{
-	(void)arg;
-	if (fallocate(d->img_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-		      (off_t)len) == 0)
-		return 0;
-	if (errno != EOPNOTSUPP && errno != ENOSYS)
-		return -errno;
-	static const char zeros[65536];
-	for (size_t done = 0; done < len;) {
-		size_t n = MIN(len - done, sizeof(zeros));
-		int r = full_pwrite(d->img_fd, zeros, n, off + done);
-		if (r < 0)
-			return r;
-		done += n;
-	}
-	return 0;
-}
-
-/*
- * The disk's user changes [off, off+len) with apply.  Partially covered
- * absent chunks are first filled from the template; wholly covered ones
- * are claimed (so no fill can overwrite them), changed and marked present.
- * Returns the bytes changed (clamped to the disk's end) or -errno.
- */
-static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_apply_fn *apply,
-		       const void *arg)
-{
-	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
-	uint64_t size = d->meta.size;
-	int r;
-
-	if (len == 0)
-		return 0;
-	if (off >= size)
-		return -ENOSPC;
-	if (len > size - off)
-		len = (size_t)(size - off);
-	uint64_t first = off >> d->chunk_shift, last = (off + len - 1) >> d->chunk_shift;
-
-	/* Partially covered absent edges are filled from the template first
-	 * (ascending order, like every claim, so claimers never deadlock). */
-	bool first_whole = covers_chunk(d, first, off, len);
-	bool last_whole = covers_chunk(d, last, off, len);
-	if (!first_whole) {
-		r = disk_ensure_chunks(d, first, first, &hint);
-		if (r < 0)
-			return r;
-	}
-
-	/* Wholly covered absent chunks need no fetch: claim them so no fill
-	 * overwrites them, write, and mark them present. */
-	uint64_t mid_first = first + (first_whole ? 0 : 1);
-	uint64_t mid_end = last + (last_whole ? 1 : 0); /* exclusive */
-	size_t nmid = mid_end > mid_first ? (size_t)(mid_end - mid_first) : 0;
-	_cleanup_free_ struct inflight **claims = calloc(nmid ? nmid : 1, sizeof(*claims));
-	if (!claims)
-		return -ENOMEM;
-	for (size_t k = 0; k < nmid;) {
-		uint64_t i = mid_first + k;
-		pthread_mutex_lock(&d->lock);
-		if (bitmap_get(&d->present, i)) {
-			k++;
-		} else {
-			struct inflight *f = inflight_find_locked(d, i);
-			if (f) {
-				f->refs++;
-				(void)inflight_wait_locked(d, f); /* absent after a failure: claim next pass */
-			} else {
-				claims[k] = inflight_claim_locked(d, i);
-				if (!claims[k]) {
-					pthread_mutex_unlock(&d->lock);
-					r = -ENOMEM;
-					goto finish;
-				}
-				k++;
-			}
-		}
-		pthread_mutex_unlock(&d->lock);
-	}
-	if (last != first && !last_whole) {
-		r = disk_ensure_chunks(d, last, last, &hint);
-		if (r < 0)
-			goto finish;
-	}
-	r = apply(d, arg, off, len);
-	atomic_fetch_add(&d->writes_since_sync, 1);
-	if (r < 0)
-		note_fill_error(d, first, last, r, true);
-
-finish:
-	pthread_mutex_lock(&d->lock);
-	for (size_t k = 0; k < nmid; k++)
-		if (claims[k])
-			inflight_finish_locked(d, claims[k], r);
-	pthread_mutex_unlock(&d->lock);
-	return r < 0 ? r : (int)len;
-}
-
-int cache_disk_write(struct cache_disk *d, const void *buf, size_t len, uint64_t off)
-{
-	return disk_modify(d, off, len, apply_write, buf);
-}
-
-int cache_disk_zero(struct cache_disk *d, uint64_t off, uint64_t len)
-{
-	uint64_t size = d->meta.size;
-
-	if (off >= size || len == 0)
-		return off > size ? -EINVAL : 0;
-	len = MIN(len, size - off);
-	/* In pieces, so that one call never claims an unbounded set of chunks. */
-	for (uint64_t done = 0; done < len;) {
-		size_t n = (size_t)MIN(len - done, (uint64_t)RUN_MAX_BYTES);
-		int r = disk_modify(d, off + done, n, apply_zero, NULL);
-		if (r < 0)
-			return r;
-		done += n;
-	}
-	return 0;
-}
-
 bool cache_disk_dirty(struct cache_disk *d)
 {
 	if (atomic_load(&d->writes_since_sync))
@@ -915,134 +664,3 @@ int cache_disk_sync(struct cache_disk *d)
 	return r;
 }
 
-void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret)
-{
-	struct cache_disk_stats s = {0};
-	enum stream_mode mode;
-	bool failed, local_error;
-
-	stream_snapshot(d, &mode, &s.position);
-	pthread_mutex_lock(&d->lock);
-	s.present = d->present.count;
-	failed = d->failed;
-	local_error = d->local_error;
-	memcpy(s.error, d->error, sizeof(s.error));
-	bool last_present = d->nchunks && bitmap_get(&d->present, d->nchunks - 1);
-	pthread_mutex_unlock(&d->lock);
-
-	s.size = d->meta.size;
-	s.chunk_size = d->chunk_size;
-	s.chunks = d->nchunks;
-	s.cached = s.present << d->chunk_shift;
-	if (last_present)
-		s.cached -= (uint64_t)d->chunk_size - disk_chunk_len(d, d->nchunks - 1);
-	if (s.position > s.size)
-		s.position = s.size;
-	s.rate = stream_rate(d);
-	s.speed = ratelimit_get(&d->st.rl);
-	s.waiting = atomic_load(&d->waiting);
-	if (d->src.get_counters)
-		d->src.get_counters(d->src.opaque, &s.fetched, &s.errors);
-	if (s.present == s.chunks)
-		s.state = CACHE_STATE_COMPLETE;
-	else if (failed || local_error)
-		s.state = CACHE_STATE_ERROR;
-	else if (mode == STREAM_RUNNING)
-		s.state = CACHE_STATE_STREAMING;
-	else if (mode == STREAM_PAUSED)
-		s.state = CACHE_STATE_PAUSED;
-	else
-		s.state = CACHE_STATE_IDLE;
-	if (s.state == CACHE_STATE_COMPLETE) {
-		s.rate = 0;
-		s.position = s.size;
-	}
-	*ret = s;
-}
-
-int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence)
-{
-	uint64_t size = d->meta.size;
-
-	if (off >= size)
-		return -ENXIO;
-	LOCK_GUARD(&d->lock);
-	if (whence == SEEK_DATA) {
-		/* Absent chunks count as data (unknown); present ones are data
-		 * where the image has data. */
-		int64_t absent = bitmap_next_clear(&d->present, off >> d->chunk_shift);
-		uint64_t a = absent < 0 ? size : MAX(off, (uint64_t)absent << d->chunk_shift);
-		off_t r = lseek(d->img_fd, (off_t)off, SEEK_DATA);
-		uint64_t data = r < 0 ? size : (uint64_t)r;
-		uint64_t res = MIN(a, data);
-		return res >= size ? -ENXIO : (int64_t)res;
-	}
-	if (whence != SEEK_HOLE)
-		return -EINVAL;
-	for (uint64_t p = off; p < size;) {
-		off_t h = lseek(d->img_fd, (off_t)p, SEEK_HOLE);
-		if (h < 0 || (uint64_t)h >= size)
-			return (int64_t)size;
-		uint64_t idx = (uint64_t)h >> d->chunk_shift;
-		if (bitmap_get(&d->present, idx))
-			return h;
-		int64_t next = bitmap_next_set(&d->present, idx + 1);
-		if (next < 0)
-			return (int64_t)size;
-		p = (uint64_t)next << d->chunk_shift;
-	}
-	return (int64_t)size;
-}
-
-void cache_disk_map(struct cache_disk *d, char *out, unsigned cells)
-{
-	LOCK_GUARD(&d->lock);
-	for (unsigned k = 0; k < cells; k++) {
-		uint64_t a = d->nchunks * k / cells, b = d->nchunks * (k + 1) / cells;
-		uint64_t have = 0;
-		if (b == a)
-			b = MIN(a + 1, d->nchunks);
-		for (uint64_t i = a; i < b; i++)
-			have += bitmap_get(&d->present, i);
-		if (b <= a || have == 0)
-			out[k] = '0';
-		else if (have == b - a)
-			out[k] = '#';
-		else
-			out[k] = (char)('0' + MIN(9u, (unsigned)DIV_ROUND_UP(have * 10, b - a)));
-	}
-	out[cells] = '\0';
-}
-
-int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint64_t *ret_checked)
-{
-	uint64_t checked = 0;
-	int64_t bad = 0;
-
-	if (d->manifest_fd < 0)
-		return -ENOENT;
-	_cleanup_free_ uint8_t *buf = malloc(d->chunk_size);
-	if (!buf)
-		return -ENOMEM;
-	for (uint64_t i = 0; i < d->nchunks; i++) {
-		uint64_t mismatch;
-		pthread_mutex_lock(&d->lock);
-		bool present = bitmap_get(&d->present, i);
-		pthread_mutex_unlock(&d->lock);
-		if (!present)
-			continue;
-		int r = full_pread(d->img_fd, buf, disk_chunk_len(d, i), i << d->chunk_shift);
-		if (r >= 0)
-			r = verify_run(d, buf, i, i, &mismatch);
-		if (r == -EILSEQ) {
-			if ((size_t)bad < nout)
-				out[bad] = i << d->chunk_shift;
-			bad++;
-		} else if (r < 0) {
-			return r;
-		}
-		checked++;
-	}
-	*ret_checked = checked;
-	return bad;
-}

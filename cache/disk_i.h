@@ -146,6 +146,31 @@ int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
 void disk_set_error(struct cache_disk *d, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
+/* disk.c: the chunk claim protocol shared with write.c.  All _locked
+ * functions want d->lock held. */
+struct inflight *inflight_find_locked(struct cache_disk *d, uint64_t idx);
+struct inflight *inflight_claim_locked(struct cache_disk *d, uint64_t idx);
+void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result);
+int inflight_wait_locked(struct cache_disk *d, struct inflight *f);
+/* Records a failed fill or write (local: of the image) for the error xattr. */
+void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r, bool local);
+
+/* "NAME" + suffix into buf; -ENAMETOOLONG when it does not fit. */
+int disk_name_path(char *buf, size_t n, const char *name, const char *suffix);
+
+/* integrity.c: NAME.manifest and the per-chunk check. */
+struct manifest;
+int disk_manifest_file_write(int dirfd, const char *path, const struct manifest *mf)
+	__attribute__((warn_unused_result));
+int disk_preset_zero_chunks(int meta_fd, const struct manifest *mf)
+	__attribute__((warn_unused_result));
+int disk_manifest_file_open(int dirfd, const char *name, const struct meta *m, char *why,
+			    size_t why_size) __attribute__((warn_unused_result));
+int disk_manifest_hash_of(const struct cache_disk *d, uint64_t idx, uint8_t *out);
+/* 0, -EILSEQ with *ret_bad the first chunk of [a, b] unlike the manifest, or -errno. */
+int disk_verify_run(struct cache_disk *d, const uint8_t *buf, uint64_t a, uint64_t b,
+		    uint64_t *ret_bad) __attribute__((warn_unused_result));
+
 /* readahead.c: set up / tear down; note a demand read (starts prefetch). */
 void readahead_init(struct cache_disk *d);
 void readahead_destroy(struct cache_disk *d);
