@@ -14,7 +14,9 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/cleanup.h"
 #include "disk_i.h"
@@ -24,6 +26,7 @@
 #define BACKOFF_MIN_NS 500000000ull   /* first retry after a failed chunk */
 #define BACKOFF_MAX_NS 30000000000ull /* never wait longer than this */
 #define COMMIT_EVERY_NS 2000000000ull /* batch streamed chunks' syncs */
+#define STREAM_NICE 10                /* streamer threads' nice value */
 
 void stream_init(struct cache_disk *d)
 {
@@ -139,6 +142,11 @@ static void *stream_worker(void *opaque)
 	unsigned id = wa->id;
 
 	free(wa);
+	/* Background work yields the CPU to demand reads: on a small machine
+	 * a full-speed stream would otherwise delay a VM's read for want of
+	 * a core.  Per-thread nice is Linux behaviour; failure is harmless. */
+	if (setpriority(PRIO_PROCESS, (id_t)gettid(), STREAM_NICE) < 0)
+		log_debug(LOG_SUB_STREAM, "cannot lower the streamer's priority: %m");
 	pthread_mutex_lock(&st->lock);
 	while (!st->quit) {
 		uint64_t now = now_ns();
