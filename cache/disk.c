@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -48,6 +49,58 @@ static void budget_give(uint64_t len)
 	LOCK_GUARD(&budget_lock);
 	budget_used -= len;
 	pthread_cond_broadcast(&budget_cond);
+}
+
+/*
+ * Fetch buffers are mmapped, so that freeing one gives its memory back at
+ * once (malloc's per-thread arenas kept freed megabytes around and peak RSS
+ * crept past 64 MiB), and a few freed ones are kept for reuse, so that a
+ * fast stream does not pay a page fault per 4 KiB of every buffer.
+ */
+#define BUF_CACHE_MAX 8
+#define BUF_CACHE_BYTES (12u << 20) /* memory kept in cached buffers at most */
+static pthread_mutex_t buf_lock = PTHREAD_MUTEX_INITIALIZER; /* leaf */
+static struct {
+	void *p;
+	size_t len;
+} buf_cache[BUF_CACHE_MAX]; /* guarded by buf_lock */
+static size_t buf_cached;   /* guarded by buf_lock */
+static size_t buf_cached_bytes; /* guarded by buf_lock */
+
+static void *buf_get(size_t len)
+{
+	len = (len + 4095) & ~(size_t)4095;
+	pthread_mutex_lock(&buf_lock);
+	for (size_t i = 0; i < buf_cached; i++) {
+		if (buf_cache[i].len == len) {
+			void *p = buf_cache[i].p;
+			buf_cached_bytes -= len;
+			buf_cache[i] = buf_cache[--buf_cached];
+			pthread_mutex_unlock(&buf_lock);
+			return p;
+		}
+	}
+	pthread_mutex_unlock(&buf_lock);
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void buf_put(void *p, size_t len)
+{
+	if (!p)
+		return;
+	len = (len + 4095) & ~(size_t)4095;
+	pthread_mutex_lock(&buf_lock);
+	if (buf_cached < BUF_CACHE_MAX && buf_cached_bytes + len <= BUF_CACHE_BYTES) {
+		buf_cache[buf_cached].p = p;
+		buf_cache[buf_cached].len = len;
+		buf_cached++;
+		buf_cached_bytes += len;
+		p = NULL;
+	}
+	pthread_mutex_unlock(&buf_lock);
+	if (p)
+		munmap(p, len);
 }
 
 /* At most this many bytes are fetched by one request of a demand read. */
@@ -463,7 +516,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		budget_take(len);
 	if (!d->src.fetch_range) {
 		r = -EIO;
-	} else if (posix_memalign(&buf, 4096, len)) {
+	} else if (!(buf = buf_get(len))) {
 		r = -ENOMEM;
 	} else {
 		if (hint->prio == CACHE_PRIO_DEMAND)
@@ -488,7 +541,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
 	}
-	free(buf);
+	buf_put(buf, len);
 	if (background)
 		budget_give(len);
 	if (r == -EILSEQ) {

@@ -137,7 +137,7 @@ uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
  * most this much in fetch buffers, so memory stays bounded whatever the
  * number of disks and connections; demand fills are never held back.
  */
-#define BACKGROUND_BUFFER_BUDGET (32u << 20)
+#define BACKGROUND_BUFFER_BUDGET (24u << 20)
 
 /* First absent chunk at or after from, or -1.  Takes d->lock. */
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from);

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -216,6 +217,10 @@ int main(int argc, char **argv)
 	int ret = 1, r;
 
 	log_init("streamfs", true);
+	/* Large buffers go back to the system when freed: with the default
+	 * dynamic threshold, per-thread arenas hoard freed megabytes. */
+	mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+	mallopt(M_ARENA_MAX, 4);
 	if (fuse_opt_parse(&args, &m.opts, option_spec, opt_proc) < 0)
 		return 1;
 	if (m.opts.show_help) {
