@@ -276,7 +276,7 @@ static void test_cache_bitmap__init_enomem(void **state)
 	struct bitmap b;
 
 	(void)state;
-#ifdef UNDER_ASAN
+#ifdef UNDER_SANITIZER
 	/* ASan warns on stderr about the failed allocation, even when it
 	 * returns NULL: keep sanitizer runs free of "==PID==" lines. */
 	skip();

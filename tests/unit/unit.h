@@ -26,11 +26,13 @@
 		}                                                             \
 	} while (0)
 
-#if defined(__SANITIZE_ADDRESS__)
-#define UNDER_ASAN 1
+/* Sanitizer runtimes report a huge failing allocation instead of
+ * returning NULL: tests of ENOMEM skip under them. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define UNDER_SANITIZER 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define UNDER_ASAN 1
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define UNDER_SANITIZER 1
 #endif
 #endif
 
