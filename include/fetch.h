@@ -37,7 +37,7 @@ struct fetch_opts {
 	bool insecure;          /* skip TLS verification */
 };
 
-#define FETCH_DEFAULT_CONNECTIONS 8
+#define FETCH_DEFAULT_CONNECTIONS 4
 #define FETCH_DEFAULT_TIMEOUT_S 30
 #define FETCH_DEFAULT_STALL_S 10
 
