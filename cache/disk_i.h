@@ -57,7 +57,7 @@ struct readahead {
 	pthread_mutex_t lock;  /* protects: every field below; order: before disk lock */
 	pthread_cond_t cond;   /* work arrived or quit */
 	uint64_t expect_off;   /* where the next sequential read would start */
-	unsigned streak;       /* sequential reads in a row */
+	uint64_t seq_bytes;    /* bytes read sequentially so far in this run */
 	uint64_t next;         /* next chunk to prefetch */
 	uint64_t end;          /* prefetch chunks below this index */
 	uint64_t window;       /* bytes ahead of the reader, 0 = off */

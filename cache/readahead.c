@@ -84,16 +84,21 @@ void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len)
 	LOCK_GUARD(&ra->lock);
 	if (!ra->window)
 		return;
-	uint64_t window = MAX(2u, ra->window >> d->chunk_shift);
 	if (off != ra->expect_off) {
-		ra->streak = 0;
+		ra->seq_bytes = len;
 		ra->expect_off = off + len;
 		ra->next = ra->end = 0;
 		return;
 	}
 	ra->expect_off = off + len;
-	if (++ra->streak < 2)
+	ra->seq_bytes += len;
+	/* One large read reaches us as several small ones: only a reader
+	 * that has gone on sequentially across two chunks counts, and the
+	 * window grows with how far it has come (as the kernel's own
+	 * read-ahead does), up to the configured size. */
+	if (ra->seq_bytes < 2 * (uint64_t)d->chunk_size)
 		return;
+	uint64_t window = MAX(2u, MIN(ra->window, ra->seq_bytes) >> d->chunk_shift);
 	uint64_t last = (off + len - 1) >> d->chunk_shift;
 	ra->next = MAX(ra->next, last + 1);
 	ra->end = MIN(d->nchunks, MAX(ra->end, last + 1 + window));

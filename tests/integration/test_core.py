@@ -417,9 +417,9 @@ def test_persistence_and_offline_eio():
         expect_equal("present data after EIO", h.pread_all(m.path("p"), r_off, r_len), first)
 
 
-def _sequential_reads_in_chunk3(readahead):
-    """8 sequential O_DIRECT 64 KiB reads inside chunk 3 of a stream=manual
-    mount; returns (template, fetched ranges)."""
+def _sequential_reads_in_chunk3(readahead, n=8):
+    """n sequential O_DIRECT 64 KiB reads from the start of chunk 3 of a
+    stream=manual mount; returns (template, fetched ranges)."""
     t = template("manual.img")
     chunk = MiB
     with h.Nginx(ws()) as ng:
@@ -427,7 +427,7 @@ def _sequential_reads_in_chunk3(readahead):
         h.ctl_add(img, "m", ng.url(t.name), chunk_size="1M")
         ng.mark()
         with h.Mount(ws(), img, opts=("stream=manual", f"readahead={readahead}")) as m:
-            off, piece, n = 3 * MiB, 64 * KiB, 8
+            off, piece = 3 * MiB, 64 * KiB
             fd = os.open(m.path("m"), os.O_RDONLY | os.O_DIRECT)
             try:
                 buf = mmap.mmap(-1, piece)
@@ -457,13 +457,22 @@ def test_manual_mode_fetches_only_demanded_chunks():
 
 
 def test_readahead_fetches_ahead_of_a_sequential_reader():
-    # With read-ahead (4M here), a sequential reader has the next chunks
-    # fetched for it in the background: chunks 4..7, and nothing before.
-    t, rs = _sequential_reads_in_chunk3("4M")
+    # With read-ahead, a reader that goes on sequentially across two
+    # chunks (3 to 5.5 MiB) has the next ones fetched in the background
+    # (6 and 7: the window grows with the distance read), nothing before.
+    t, rs = _sequential_reads_in_chunk3("4M", n=40)
     if not h.covered(rs, 3 * MiB, 8 * MiB - 1):
-        fail(f"read-ahead 4M after sequential reads in chunk 3 did not fetch chunks 4-7: {rs}")
+        fail(f"read-ahead after 2.5 MiB of sequential reads did not fetch chunks 6-7: {rs}")
     if any(a < 3 * MiB for a, b in rs):
         fail(f"read-ahead fetched chunks before the reader: {rs}")
+
+
+def test_readahead_ignores_one_large_read():
+    # One 512 KiB read arrives as several FUSE reads; that is no
+    # sequential reader, and read-ahead must not fetch anything for it.
+    t, rs = _sequential_reads_in_chunk3("32M", n=8)
+    if [(a, b) for a, b in rs if a < 3 * MiB or b >= 4 * MiB]:
+        fail(f"read-ahead fetched beyond chunk 3 for one short run of reads: {rs}")
 
 
 def test_connections_are_reused():
