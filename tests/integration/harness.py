@@ -924,3 +924,48 @@ def main(namespace, extra_programs=()):
             print(f"FAIL {i} - {name} ({dt:.1f} s)", flush=True)
     print(f"{passed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)
+
+
+# --------------------------------------------------------------------------
+# Refused mounts and the metadata format, shared by several tests
+# --------------------------------------------------------------------------
+
+def run_daemon_expect_failure(args, timeout=30):
+    """Runs streamfs ARGS, which must fail without mounting; returns
+    (rc, stderr).  A daemon that mounts instead is unmounted and fails
+    the test."""
+    mnt = args[-1]
+    proc = subprocess.Popen([STREAMFS, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run(["fusermount3", "-u", "-z", mnt])
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        fail(f"streamfs {' '.join(args)} kept running for {timeout} s; expected a refusal")
+    if is_mounted(mnt):
+        run(["fusermount3", "-u", "-z", mnt])
+        fail(f"streamfs {' '.join(args)} left {mnt} mounted")
+    return proc.returncode, (out + err).decode(errors="replace")
+
+
+# NAME.meta (cache/cache_i.h): two 4 KiB header slots, then the bitmap.
+META_MAGIC = b"STRMFSMD"
+META_SLOT = 4096
+META_BITMAP_OFFSET = 2 * META_SLOT
+META_FLAG_COMPLETE = 0x1
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), as the metadata headers use."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF

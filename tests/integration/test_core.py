@@ -639,35 +639,11 @@ def test_file_url_template():
 # Mount-time errors
 # ---------------------------------------------------------------------------
 
-def run_daemon_expect_failure(args, timeout=30):
-    """Runs streamfs ARGS, which must fail without mounting; returns
-    (rc, stderr).  A daemon that mounts instead is unmounted and fails
-    the test."""
-    mnt = args[-1]
-    proc = subprocess.Popen([h.STREAMFS, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        h.run(["fusermount3", "-u", "-z", mnt])
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        fail(f"streamfs {' '.join(args)} kept running for {timeout} s; expected a refusal")
-    if h.is_mounted(mnt):
-        h.run(["fusermount3", "-u", "-z", mnt])
-        fail(f"streamfs {' '.join(args)} left {mnt} mounted")
-    return proc.returncode, (out + err).decode(errors="replace")
-
-
 def test_mount_missing_image_dir():
     missing = os.path.join(ws().root, "no-such-images")
     for fg in (["-f"], []):
         mnt = ws().mkdir("mnt-missing", unique=True)
-        rc, err = run_daemon_expect_failure([*fg, "-o", "stream=manual", missing, mnt])
+        rc, err = h.run_daemon_expect_failure([*fg, "-o", "stream=manual", missing, mnt])
         line = expect_one_line_error(f"streamfs {' '.join(fg)} with a missing IMAGE_DIR", rc, err)
         if "no-such-images" not in line:
             fail(f"the message does not name the directory: {line!r}")
@@ -683,7 +659,7 @@ def test_second_mount_refused():
     with h.Mount(ws(), img) as m:
         for d in (img, link):
             mnt2 = ws().mkdir("mnt-second", unique=True)
-            rc, err = run_daemon_expect_failure(["-f", "-o", "stream=manual", d, mnt2])
+            rc, err = h.run_daemon_expect_failure(["-f", "-o", "stream=manual", d, mnt2])
             line = expect_one_line_error(f"second mount of {d}", rc, err)
             h.log(f"second mount via {d}: rc {rc}: {line}")
         expect_cmp(m.path("s"), t)
@@ -704,17 +680,7 @@ def test_offline_add_into_mounted_dir_refused():
                  f"{sorted(h.listdir_set(img) - before)}")
 
 
-META_MAGIC = b"STRMFSMD"
-META_SLOT = 4096
-
-
-def crc32c(data):
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
+META_MAGIC, META_SLOT, crc32c = h.META_MAGIC, h.META_SLOT, h.crc32c
 
 
 def header_slots(buf):

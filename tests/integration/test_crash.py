@@ -131,19 +131,8 @@ def crash(m, fds=()):
 
 # --- NAME.meta (format in cache/cache_i.h) ---
 
-META_MAGIC = b"STRMFSMD"
-META_SLOT = 4096
-META_BITMAP_OFFSET = 2 * META_SLOT
-META_FLAG_COMPLETE = 0x1
-
-
-def crc32c(data):
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
+META_MAGIC, META_SLOT, crc32c = h.META_MAGIC, h.META_SLOT, h.crc32c
+META_BITMAP_OFFSET, META_FLAG_COMPLETE = h.META_BITMAP_OFFSET, h.META_FLAG_COMPLETE
 
 
 def read_meta(path):

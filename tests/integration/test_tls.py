@@ -288,26 +288,10 @@ def expect_mount_refused(img, opts, pattern, what, secrets=()):
     one line that matches `pattern` and holds none of `secrets`."""
     mnt = ws().mkdir("mnt-refused", unique=True)
     args = ["-f", "-o", ",".join(opts), img, mnt]
-    proc = subprocess.Popen([h.STREAMFS, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        h.run(["fusermount3", "-u", "-z", mnt])
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        fail(f"{what}: streamfs {' '.join(args)} mounted and kept running; expected a refusal")
-    if h.is_mounted(mnt):
-        h.run(["fusermount3", "-u", "-z", mnt])
-        fail(f"{what}: streamfs {' '.join(args)} left {mnt} mounted")
-    text = (out + err).decode(errors="replace")
+    rc, text = h.run_daemon_expect_failure(args, timeout=20)
     lines = h.stderr_lines(text)
     problems = []
-    if proc.returncode == 0:
+    if rc == 0:
         problems.append("exit code 0")
     if len(lines) != 1:
         problems.append(f"{len(lines)} lines of output, expected one")
@@ -317,8 +301,8 @@ def expect_mount_refused(img, opts, pattern, what, secrets=()):
         if s in text:
             problems.append(f"the output shows the secret {s!r}")
     if problems:
-        fail(f"{what}: {'; '.join(problems)}; rc {proc.returncode}, output {text!r}")
-    h.log(f"{what}: rc {proc.returncode}: {lines[0]}")
+        fail(f"{what}: {'; '.join(problems)}; rc {rc}, output {text!r}")
+    h.log(f"{what}: rc {rc}: {lines[0]}")
 
 
 def user_xattrs(path):
