@@ -11,8 +11,6 @@ import errno
 import mmap
 import os
 import re
-import signal
-import subprocess
 import threading
 import time
 
