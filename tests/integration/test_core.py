@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import re
+import signal
 import threading
 import time
 
