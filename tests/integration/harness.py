@@ -455,9 +455,11 @@ class Nginx:
     def url(self, name):
         return f"http://127.0.0.1:{self.port}/{name}"
 
-    def _write_conf(self, port):
+    def conf_preamble(self):
+        """Everything of the config up to the server blocks: subclasses
+        add their own servers after it and close the http block."""
         d = self.dir
-        conf = f"""
+        return f"""
 worker_processes 1;
 pid {self.pid_file};
 error_log {self.error_log} info;
@@ -475,7 +477,10 @@ http {{
     log_format streamfs '$request_method "$request_uri" "$http_range" $status '
                         '$body_bytes_sent $connection $request_time';
     access_log {self.access_log} streamfs;
-    server {{
+"""
+
+    def _write_conf(self, port):
+        conf = self.conf_preamble() + f"""    server {{
         listen 127.0.0.1:{port};
         server_name localhost;
         root {self.root};
@@ -969,3 +974,26 @@ def crc32c(data):
         for _ in range(8):
             crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
     return crc ^ 0xFFFFFFFF
+
+
+def control_send(mnt, data):
+    """Writes one command (str or bytes) to MNT/.control in one write and
+    reads the reply on the same open file; returns (errno or 0, reply)."""
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
+    try:
+        try:
+            n = os.write(fd, data)
+            e = 0 if n == len(data) else -1
+        except OSError as ex:
+            e = ex.errno
+        reply = b""
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            reply += b
+        return e, reply.decode(errors="replace")
+    finally:
+        os.close(fd)

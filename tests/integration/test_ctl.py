@@ -755,24 +755,7 @@ def test_manifest_add_and_verify():
 # The control file directly
 # ---------------------------------------------------------------------------
 
-def control_send(mnt, data):
-    """Writes data to MNT/.control in one write; returns (errno or 0, reply)."""
-    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
-    try:
-        try:
-            n = os.write(fd, data)
-            e = 0 if n == len(data) else -1
-        except OSError as ex:
-            e = ex.errno
-        reply = b""
-        while True:
-            b = os.read(fd, 65536)
-            if not b:
-                break
-            reply += b
-        return e, reply.decode(errors="replace")
-    finally:
-        os.close(fd)
+control_send = h.control_send
 
 
 def test_control_file_bad_commands():

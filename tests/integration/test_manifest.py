@@ -30,17 +30,7 @@ def xattr(path, name):
     return os.getxattr(path, "user.streamfs." + name).decode()
 
 
-def control(mnt, line):
-    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
-    try:
-        try:
-            os.write(fd, line.encode())
-            err = 0
-        except OSError as e:
-            err = e.errno
-        return err, os.read(fd, 65536).decode()
-    finally:
-        os.close(fd)
+control = h.control_send
 
 
 def sparse_template(name, layout):

@@ -33,12 +33,8 @@ def xattr(path, name):
 
 
 def control(mnt, line):
-    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
-    try:
-        os.write(fd, line.encode())
-        return os.read(fd, 65536).decode()
-    finally:
-        os.close(fd)
+    """The reply to one control command."""
+    return h.control_send(mnt, line)[1]
 
 
 def wait_state(path, want, timeout):

@@ -153,28 +153,9 @@ class ConfNginx(h.Nginx):
         self.ports = []
 
     def _write_conf(self, port):
-        d = self.dir
         if not (self.ports and self.ports[0] == port):  # a reload keeps the ports
             self.ports = [port] + [h.free_port() for _ in range(self.extra_ports)]
-        conf = f"""
-worker_processes 1;
-pid {self.pid_file};
-error_log {self.error_log} info;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    types {{ }}
-    sendfile on;
-    keepalive_requests 100000;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    log_format streamfs '$request_method "$request_uri" "$http_range" $status '
-                        '$body_bytes_sent $connection $request_time';
-    access_log {self.access_log} streamfs;
-{self.servers(self.ports)}
+        conf = self.conf_preamble() + f"""{self.servers(self.ports)}
 }}
 """
         with open(self.conf, "w") as f:
@@ -218,26 +199,7 @@ def https_nginx():
 # Control file, mounts that must be refused, cmp
 # ---------------------------------------------------------------------------
 
-def control_send(mnt, line):
-    """Writes one command to MNT/.control in one write; returns
-    (errno or 0, reply text)."""
-    data = line.encode() if isinstance(line, str) else line
-    fd = os.open(os.path.join(mnt, ".control"), os.O_RDWR)
-    try:
-        try:
-            n = os.write(fd, data)
-            e = 0 if n == len(data) else -1
-        except OSError as ex:
-            e = ex.errno
-        reply = b""
-        while True:
-            b = os.read(fd, 65536)
-            if not b:
-                break
-            reply += b
-        return e, reply.decode(errors="replace")
-    finally:
-        os.close(fd)
+control_send = h.control_send
 
 
 def control_ok(mnt, line):
