@@ -103,6 +103,9 @@ static void buf_put(void *p, size_t len)
 		munmap(p, len);
 }
 
+static void storeq_init(struct cache_disk *d);
+static void storeq_destroy(struct cache_disk *d);
+
 /* At most this many bytes are fetched by one request of a demand read. */
 #define RUN_MAX_BYTES (8u * 1024 * 1024)
 
@@ -283,6 +286,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	pthread_cond_init(&d->fill_cond, NULL);
 	stream_init(d);
 	readahead_init(d);
+	storeq_init(d);
 	*ret = d;
 	return 0;
 
@@ -308,6 +312,7 @@ void cache_disk_free(struct cache_disk *d)
 		return;
 	readahead_destroy(d);
 	stream_destroy(d);
+	storeq_destroy(d);
 	r = cache_disk_sync(d);
 	if (r < 0)
 		log_err("cannot save state of disk %s: %s", d->name, strerror(-r));
@@ -499,12 +504,170 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 		       src_err[0] ? src_err : strerror(-r));
 }
 
-/* Fetches chunks [a, b], all claimed by the caller, and finishes the claims. */
+/* Stores the fetched chunks [a, b] from buf; *ret_local on a local failure. */
+static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *buf,
+		     bool *ret_local)
+{
+	int r = 0;
+
+	for (uint64_t i = a; r >= 0 && i <= b; i++)
+		r = store_chunk(d, i, (const char *)buf + ((i - a) << d->chunk_shift));
+	*ret_local = r < 0;
+	return r;
+}
+
+/* Records the outcome of a fill of [a, b] and finishes its claims. */
+static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
+			int r, bool local, uint64_t bad)
+{
+	if (r == -EILSEQ) {
+		disk_set_error(d, "chunk %" PRIu64 " (offset %" PRIu64 ") does not match the manifest",
+			       bad, bad << d->chunk_shift);
+		LOCK_GUARD(&d->lock);
+		d->failed = true;
+	} else if (r < 0) {
+		note_fill_error(d, a, b, r, local);
+	}
+
+	LOCK_GUARD(&d->lock);
+	for (uint64_t i = a; i <= b; i++)
+		inflight_finish_locked(d, claims[i - a], r);
+	/* A success ends a transient error: the text shows current trouble. */
+	if (r >= 0 && !d->failed && !d->local_error)
+		d->error[0] = '\0';
+}
+
+/*
+ * Deferred stores.  A demand reader answered from the fetch buffer need
+ * not wait for the chunk's pwrite (a copy of up to a run, which on a fast
+ * link costs as much as the fetch, and which queues behind the streamer's
+ * writes on the image's inode lock).  Its chunks stay claimed until the
+ * store is done, so every other reader or writer of them waits as before,
+ * and a bit is never set before its data are in the image.
+ */
+struct store_job {
+	struct store_job *next;
+	void *buf;
+	uint64_t a, b;
+	struct inflight *claims[];
+};
+
+/* At most this many bytes wait to be stored; beyond, readers store inline. */
+#define STOREQ_MAX_BYTES (32u << 20)
+
+static void storeq_init(struct cache_disk *d)
+{
+	pthread_mutex_init(&d->sq.lock, NULL);
+	pthread_cond_init(&d->sq.cond, NULL);
+}
+
+static void *storeq_worker(void *opaque)
+{
+	struct cache_disk *d = opaque;
+	struct storeq *q = &d->sq;
+
+	pthread_mutex_lock(&q->lock);
+	for (;;) {
+		struct store_job *j = q->head;
+		if (!j) {
+			if (q->quit)
+				break;
+			pthread_cond_wait(&q->cond, &q->lock);
+			continue;
+		}
+		q->head = j->next;
+		if (!q->head)
+			q->tail = NULL;
+		pthread_mutex_unlock(&q->lock);
+
+		uint64_t len = disk_run_len(d, j->a, j->b);
+		bool local;
+		int r = store_run(d, j->a, j->b, j->buf, &local);
+		buf_put(j->buf, len);
+		fill_finish(d, j->claims, j->a, j->b, r, local, 0);
+		free(j);
+
+		pthread_mutex_lock(&q->lock);
+		q->bytes -= len;
+	}
+	pthread_mutex_unlock(&q->lock);
+	return NULL;
+}
+
+/* Hands buf and the claims of [a, b] to the store worker; false if it
+ * cannot take them (queue full, no thread), and the caller stores. */
+static bool storeq_push(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
+			void *buf)
+{
+	struct storeq *q = &d->sq;
+	uint64_t len = disk_run_len(d, a, b);
+	size_t n = (size_t)(b - a + 1);
+
+	struct store_job *j = malloc(sizeof(*j) + n * sizeof(j->claims[0]));
+	if (!j)
+		return false;
+	j->next = NULL;
+	j->buf = buf;
+	j->a = a;
+	j->b = b;
+	memcpy(j->claims, claims, n * sizeof(j->claims[0]));
+
+	LOCK_GUARD(&q->lock);
+	if (q->quit || q->bytes + len > STOREQ_MAX_BYTES)
+		goto refuse;
+	if (!q->started) {
+		if (pthread_create(&q->thread, NULL, storeq_worker, d))
+			goto refuse;
+		q->started = true;
+	}
+	if (q->tail)
+		q->tail->next = j;
+	else
+		q->head = j;
+	q->tail = j;
+	q->bytes += len;
+	pthread_cond_signal(&q->cond);
+	return true;
+
+refuse:
+	free(j);
+	return false;
+}
+
+/* Stores what is queued, then stops the worker. */
+static void storeq_destroy(struct cache_disk *d)
+{
+	struct storeq *q = &d->sq;
+
+	pthread_mutex_lock(&q->lock);
+	q->quit = true;
+	pthread_cond_signal(&q->cond);
+	bool started = q->started;
+	pthread_mutex_unlock(&q->lock);
+	if (started)
+		pthread_join(q->thread, NULL);
+	pthread_cond_destroy(&q->cond);
+	pthread_mutex_destroy(&q->lock);
+}
+
+/* A demand reader's bytes [off, off+len), to be copied out of the fetch
+ * buffer into a malloc'd *out. */
+struct deliver {
+	uint64_t off;
+	size_t len;
+	void **out;
+};
+
+/*
+ * Fetches chunks [a, b], all claimed by the caller, and finishes the
+ * claims.  With dl, the reader's bytes are copied out once fetched and
+ * checked, and the store may be left to the store worker.
+ */
 static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
-		    const struct cache_fetch_hint *hint)
+		    const struct cache_fetch_hint *hint, const struct deliver *dl)
 {
 	uint64_t off = a << d->chunk_shift;
-	uint64_t len = ((b - a) << d->chunk_shift) + disk_chunk_len(d, b);
+	uint64_t len = disk_run_len(d, a, b);
 	uint64_t bad = 0;
 	bool local = false;
 	void *buf = NULL;
@@ -532,38 +695,32 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
 				 bad, attempt ? "" : "; fetching it again");
 		}
-		if (hint->prio == CACHE_PRIO_DEMAND)
-			atomic_fetch_sub(&d->waiting, 1);
-		for (uint64_t i = a; r >= 0 && i <= b; i++) {
-			r = store_chunk(d, i, (char *)buf + ((i - a) << d->chunk_shift));
-			local = r < 0;
+		if (hint->prio == CACHE_PRIO_DEMAND && atomic_fetch_sub(&d->waiting, 1) == 1)
+			stream_demand_done(d);
+		if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
+			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
+			if (storeq_push(d, claims, a, b, buf))
+				return 0; /* the job owns buf and the claims now */
 		}
+		if (r >= 0)
+			r = store_run(d, a, b, buf, &local);
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
 	}
 	buf_put(buf, len);
 	if (background)
 		budget_give(len);
-	if (r == -EILSEQ) {
-		disk_set_error(d, "chunk %" PRIu64 " (offset %" PRIu64 ") does not match the manifest",
-			       bad, bad << d->chunk_shift);
-		LOCK_GUARD(&d->lock);
-		d->failed = true;
-	} else if (r < 0) {
-		note_fill_error(d, a, b, r, local);
-	}
-
-	LOCK_GUARD(&d->lock);
-	for (uint64_t i = a; i <= b; i++)
-		inflight_finish_locked(d, claims[i - a], r);
-	/* A success ends a transient error: the text shows current trouble. */
-	if (r >= 0 && !d->failed && !d->local_error)
-		d->error[0] = '\0';
+	fill_finish(d, claims, a, b, r, local, bad);
 	return r;
 }
 
-int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
-		       const struct cache_fetch_hint *hint)
+/*
+ * disk_ensure_chunks(), and with dl: when [first, last] is wholly absent
+ * and claimed here in one run, answers the reader from the fetch buffer
+ * and returns 1 without waiting for the store.
+ */
+static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
+			 const struct cache_fetch_hint *hint, const struct deliver *dl)
 {
 	uint64_t max_claim = MAX(1u, RUN_MAX_BYTES >> d->chunk_shift);
 	struct inflight *claims[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
@@ -614,9 +771,15 @@ int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 		pthread_mutex_unlock(&d->lock);
 
 		r = 0;
-		if (n)
-			r = fill_run(d, claims, a, a + n - 1, hint);
-		else if (!wait_for)
+		if (n && dl && !wait_for && a == first && a + n - 1 == last) {
+			/* Once copied out, the bytes are the reader's even if
+			 * storing them failed (that is recorded as usual). */
+			r = fill_run(d, claims, a, last, hint, dl);
+			if (*dl->out)
+				return 1;
+		} else if (n) {
+			r = fill_run(d, claims, a, a + n - 1, hint, NULL);
+		} else if (!wait_for)
 			return -ENOMEM; /* could not claim: calloc failed */
 		if (wait_for) {
 			pthread_mutex_lock(&d->lock);
@@ -630,18 +793,28 @@ int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 	}
 }
 
-int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
+int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
+		       const struct cache_fetch_hint *hint)
+{
+	return ensure_chunks(d, first, last, hint, NULL);
+}
+
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data)
 {
 	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
 	uint64_t size = d->meta.size;
+	struct deliver dl = {.off = off, .len = len, .out = ret_data};
 
+	if (ret_data)
+		*ret_data = NULL;
 	if (len == 0 || off >= size)
 		return 0;
 	if (len > size - off)
-		len = (size_t)(size - off);
+		dl.len = len = (size_t)(size - off);
 	readahead_note(d, off, len);
-	return disk_ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift,
-				  &hint);
+	int r = ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift, &hint,
+			      ret_data ? &dl : NULL);
+	return r < 0 ? r : 0;
 }
 
 bool cache_disk_dirty(struct cache_disk *d)

@@ -41,6 +41,7 @@ struct stream {
 	unsigned depth;           /* chunks in flight wanted; guarded */
 	unsigned nthreads;        /* threads started; guarded */
 	unsigned active;          /* workers with a chunk in hand; guarded */
+	unsigned yielding;        /* workers holding back for demand; guarded */
 	uint64_t next_commit_ns;  /* when the streamer next syncs; guarded */
 	uint64_t run_chunks;      /* chunks per request now: starts at 1 and
 				   * doubles, so that a VM's first reads right
@@ -64,6 +65,23 @@ struct readahead {
 	unsigned nthreads;
 	bool quit;
 	pthread_t threads[RA_THREADS];
+};
+
+/*
+ * Stores of demand fills whose reader was answered straight from the fetch
+ * buffer (disk.c): the chunks stay claimed until one worker per disk,
+ * started on first use, has written them to the image.
+ */
+struct store_job;
+struct storeq {
+	pthread_mutex_t lock;    /* protects: every field below; order: before disk lock */
+	pthread_cond_t cond;     /* a job was queued, or quit */
+	struct store_job *head;  /* oldest job first */
+	struct store_job *tail;
+	uint64_t bytes;          /* buffer bytes queued */
+	bool started;            /* thread is running */
+	bool quit;               /* drain the queue, then exit */
+	pthread_t thread;
 };
 
 struct cache_disk {
@@ -99,6 +117,7 @@ struct cache_disk {
 
 	struct stream st;
 	struct readahead ra;
+	struct storeq sq;
 };
 
 /* Bitmap bytes per dirty-tracking page. */
@@ -183,6 +202,8 @@ void stream_destroy(struct cache_disk *d);
 void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos);
 /* Measured streaming rate in bytes/s. Lock-free. */
 uint64_t stream_rate(struct cache_disk *d);
+/* The last demand fetch in progress ended: wakes workers holding back. */
+void stream_demand_done(struct cache_disk *d);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);
 

@@ -8,7 +8,11 @@
  * Threads: the workers (started on the first start, living until the disk
  * is freed) plus callers of the cache_disk_stream_* API from control
  * handlers.  Demand reads never wait for the streamer: the streamer never
- * holds a lock across a fetch, and the source serves DEMAND first.
+ * holds a lock across a fetch, and the source serves DEMAND first.  More:
+ * while a demand fetch is in progress, workers start no new request (for
+ * at most YIELD_MAX_NS each, so a busy VM slows streaming but never stops
+ * it) and the run size starts again from one chunk, so the link, the CPU
+ * and the image's inode lock go to the read a VM is waiting for.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -27,6 +31,7 @@
 #define BACKOFF_MAX_NS 30000000000ull /* never wait longer than this */
 #define COMMIT_EVERY_NS 2000000000ull /* batch streamed chunks' syncs */
 #define STREAM_NICE 10                /* streamer threads' nice value */
+#define YIELD_MAX_NS 50000000ull      /* longest a worker holds back for demand */
 
 void stream_init(struct cache_disk *d)
 {
@@ -67,6 +72,13 @@ void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t 
 	LOCK_GUARD(&d->st.lock);
 	*ret_mode = d->st.mode;
 	*ret_pos = d->st.cursor << d->chunk_shift;
+}
+
+void stream_demand_done(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->st.lock);
+	if (d->st.yielding)
+		pthread_cond_broadcast(&d->st.cond);
 }
 
 void stream_account(struct cache_disk *d, uint64_t bytes)
@@ -147,6 +159,8 @@ static void *stream_worker(void *opaque)
 	 * a core.  Per-thread nice is Linux behaviour; failure is harmless. */
 	if (setpriority(PRIO_PROCESS, (id_t)gettid(), STREAM_NICE) < 0)
 		log_debug(LOG_SUB_STREAM, "cannot lower the streamer's priority: %m");
+	uint64_t yield_since = 0;
+
 	pthread_mutex_lock(&st->lock);
 	while (!st->quit) {
 		uint64_t now = now_ns();
@@ -162,6 +176,18 @@ static void *stream_worker(void *opaque)
 			wait_until_locked(st, st->backoff_until);
 			continue;
 		}
+		if (atomic_load(&d->waiting)) {
+			st->run_chunks = 1;
+			if (!yield_since)
+				yield_since = now;
+			if (now - yield_since < YIELD_MAX_NS) {
+				st->yielding++;
+				wait_until_locked(st, yield_since + YIELD_MAX_NS);
+				st->yielding--;
+				continue;
+			}
+		}
+		yield_since = 0;
 		int64_t idx = disk_next_absent(d, st->cursor);
 		if (idx < 0) {
 			if (st->active) {

@@ -150,8 +150,9 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 		size = 0;
 	else if (size > disk_size - (uint64_t)off)
 		size = (size_t)(disk_size - (uint64_t)off);
+	void *data = NULL;
 	if (size) {
-		r = cache_disk_prepare_read(md->disk, (uint64_t)off, size);
+		r = cache_disk_prepare_read(md->disk, (uint64_t)off, size, &data);
 		if (r < 0) {
 			log_debug(LOG_SUB_FS, "read %s at %lld: %s", md->name, (long long)off,
 				  strerror(-r));
@@ -161,12 +162,19 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 		}
 	}
 	struct fuse_bufvec *bv = malloc(sizeof(*bv));
-	if (!bv)
+	if (!bv) {
+		free(data);
 		return -ENOMEM;
+	}
 	*bv = FUSE_BUFVEC_INIT(size);
-	bv->buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
-	bv->buf[0].fd = cache_disk_fd(md->disk);
-	bv->buf[0].pos = off;
+	if (data) {
+		/* Just fetched: answered from memory, libfuse frees it. */
+		bv->buf[0].mem = data;
+	} else {
+		bv->buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
+		bv->buf[0].fd = cache_disk_fd(md->disk);
+		bv->buf[0].pos = off;
+	}
 	*bufp = bv;
 	return 0;
 }

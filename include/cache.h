@@ -151,13 +151,17 @@ void cache_disk_set_readahead(struct cache_disk *d, uint64_t bytes);
 int cache_disk_fd(const struct cache_disk *d);
 
 /*
- * Makes [off, off+len) present, fetching absent chunks with priority
+ * Makes [off, off+len) readable, fetching absent chunks with priority
  * DEMAND (runs of consecutive absent chunks in one request; chunks
  * already in flight are waited for, never fetched twice).  Returns 0 or
  * -errno (-EIO when the disk is in state error and data are absent).
- * After 0, the bytes may be read from cache_disk_fd().
+ * With ret_data, when this call fetched the whole range in one request,
+ * *ret_data is a malloc'd copy of the len bytes, taken from the fetch
+ * buffer before the chunks are stored (they are stored in the
+ * background); otherwise *ret_data is NULL and, after 0, the bytes may be
+ * read from cache_disk_fd().
  */
-int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len)
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data)
 	__attribute__((warn_unused_result));
 
 /*

@@ -416,6 +416,41 @@ def test_persistence_and_offline_eio():
         expect_equal("present data after EIO", h.pread_all(m.path("p"), r_off, r_len), first)
 
 
+def test_answered_reads_are_stored_before_unmount():
+    """A cold read is answered from the fetch buffer and its chunk stored in
+    the background: unmounting right after such reads must still leave
+    every fetched chunk, whole, in the image and marked present.  (Stores
+    take about a millisecond, so most are done before the unmount: this
+    catches lost or partial stores, and a lost queue only sometimes.)"""
+    t = template("persist.img")
+    chunk = MiB
+    picks = list(range(0, t.size // chunk, 2))
+    with h.Nginx(ws()) as ng:
+        img = image_dir()
+        h.ctl_add(img, "p", ng.url(t.name), chunk_size="1M")
+        with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
+            fd = os.open(m.path("p"), os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)
+                for c in picks:
+                    off = c * chunk + 8192
+                    n = os.preadv(fd, [buf], off)
+                    expect_equal(f"cold read at {off}", buf[:n], t.read(off, 4096))
+            finally:
+                os.close(fd)
+            # no pause: unmount while stores may still be queued
+    with open(os.path.join(img, "p.img"), "rb") as f:
+        for c in picks:
+            f.seek(c * chunk)
+            expect_equal(f"chunk {c} of the local image after unmount", f.read(chunk),
+                         t.read(c * chunk, chunk))
+    # Offline, the chunks must read as present (no fetch possible).
+    with h.Mount(ws(), img, opts=("stream=manual", "timeout=1"), allow=OFFLINE_ERRORS) as m:
+        for c in picks:
+            expect_equal(f"chunk {c} offline", h.pread_all(m.path("p"), c * chunk, chunk),
+                         t.read(c * chunk, chunk))
+
+
 def _sequential_reads_in_chunk3(readahead, n=8):
     """n sequential O_DIRECT 64 KiB reads from the start of chunk 3 of a
     stream=manual mount; returns (template, fetched ranges)."""
