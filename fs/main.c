@@ -218,7 +218,8 @@ int main(int argc, char **argv)
 
 	log_init("streamfs", true);
 	/* Large buffers go back to the system when freed: with the default
-	 * dynamic threshold, per-thread arenas hoard freed megabytes. */
+	 * dynamic threshold, per-thread arenas hoard freed megabytes.  curl's
+	 * receive buffer (fetch/pool.c) stays below it, so it is reused. */
 	mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 	mallopt(M_ARENA_MAX, 4);
 	if (fuse_opt_parse(&args, &m.opts, option_spec, opt_proc) < 0)
