@@ -52,6 +52,9 @@ struct stream {
 
 #define RA_THREADS 3                   /* read-ahead workers per disk */
 #define RA_RUN_BYTES (4u << 20)        /* read-ahead bytes per request */
+#define RA_REORDER_BYTES (1u << 20)    /* reads at most this far (and 8 read
+					* sizes) from the expected offset still
+					* count as sequential */
 
 /* Read-ahead for sequential demand readers (readahead.c). */
 struct readahead {

@@ -84,13 +84,20 @@ void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len)
 	LOCK_GUARD(&ra->lock);
 	if (!ra->window)
 		return;
-	if (off != ra->expect_off) {
+	/* The kernel sends a sequential reader's pages as several reads in
+	 * flight at once, and our threads may take them slightly out of
+	 * order: a read a few read sizes from where the last one ended still
+	 * counts (a strict test reset the window about once every 30 MiB at
+	 * 20 ms round trip, and the reader then waited on the network). */
+	uint64_t slack = MIN((uint64_t)RA_REORDER_BYTES, 8 * len);
+	if (ra->expect_off == UINT64_MAX || off + slack < ra->expect_off ||
+	    off > ra->expect_off + slack) {
 		ra->seq_bytes = len;
 		ra->expect_off = off + len;
 		ra->next = ra->end = 0;
 		return;
 	}
-	ra->expect_off = off + len;
+	ra->expect_off = MAX(ra->expect_off, off + len);
 	ra->seq_bytes += len;
 	/* One large read reaches us as several small ones: only a reader
 	 * that has gone on sequentially across two chunks counts, and the
