@@ -674,9 +674,13 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	int r;
 
 	bool background = hint->prio != CACHE_PRIO_DEMAND;
+	struct cache_fetch_hint h = *hint;
 
-	if (background)
+	if (background) {
 		budget_take(len);
+		h.hold = stream_hold;
+		h.hold_opaque = d;
+	}
 	if (!d->src.fetch_range) {
 		r = -EIO;
 	} else if (!(buf = buf_get(len))) {
@@ -687,7 +691,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
 		for (int attempt = 0; attempt < 2; attempt++) {
-			r = d->src.fetch_range(d->src.opaque, buf, len, off, hint);
+			r = d->src.fetch_range(d->src.opaque, buf, len, off, &h);
 			if (r >= 0)
 				r = disk_verify_run(d, buf, a, b, &bad);
 			if (r != -EILSEQ)

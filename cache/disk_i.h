@@ -207,6 +207,9 @@ void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t 
 uint64_t stream_rate(struct cache_disk *d);
 /* The last demand fetch in progress ended: wakes workers holding back. */
 void stream_demand_done(struct cache_disk *d);
+/* cache_fetch_hint.hold of background fills (opaque: the disk): sleeps
+ * while a demand fetch is in progress, within the limits of stream.c. */
+void stream_hold(void *opaque);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);
 

@@ -9,10 +9,13 @@
  * is freed) plus callers of the cache_disk_stream_* API from control
  * handlers.  Demand reads never wait for the streamer: the streamer never
  * holds a lock across a fetch, and the source serves DEMAND first.  More:
- * while a demand fetch is in progress, workers start no new request (for
- * at most YIELD_MAX_NS each, so a busy VM slows streaming but never stops
- * it) and the run size starts again from one chunk, so the link, the CPU
- * and the image's inode lock go to the read a VM is waiting for.
+ * while a demand fetch is in progress, background threads (streamer and
+ * read-ahead) hold back: they start no new request, transfers under way
+ * stop reading their sockets (so TCP slows the server's side too), and the
+ * streamer's run size starts again from one chunk.  The link, the CPU and
+ * the image's inode lock go to the read a VM waits for.  A thread holds
+ * back YIELD_MAX_NS at most in one go, then runs free as long, so a busy
+ * VM slows streaming but never stops it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -130,6 +133,41 @@ static void wait_until_locked(struct stream *st, uint64_t at_ns)
 	pthread_cond_timedwait(&st->cond, &st->lock, &ts);
 }
 
+/* When this thread may hold back again (see yield_locked). */
+static _Thread_local uint64_t yield_free_until;
+
+/*
+ * Holds this background thread back while a demand fetch of the disk is in
+ * progress: until it ends, YIELD_MAX_NS at most; after a hold that long,
+ * none for the next YIELD_MAX_NS.  Returns whether it held.  st->lock held.
+ */
+static bool yield_locked(struct cache_disk *d)
+{
+	struct stream *st = &d->st;
+	uint64_t now = now_ns();
+
+	if (!atomic_load(&d->waiting) || now < yield_free_until)
+		return false;
+	uint64_t until = now + YIELD_MAX_NS;
+	st->yielding++;
+	while (atomic_load(&d->waiting) && !st->quit && (now = now_ns()) < until)
+		wait_until_locked(st, until);
+	st->yielding--;
+	if (now >= until)
+		yield_free_until = now + YIELD_MAX_NS;
+	return true;
+}
+
+void stream_hold(void *opaque)
+{
+	struct cache_disk *d = opaque;
+
+	if (!atomic_load(&d->waiting))
+		return;
+	LOCK_GUARD(&d->st.lock);
+	yield_locked(d);
+}
+
 /* Records completion durably; called with no lock held. */
 static void stream_finish(struct cache_disk *d)
 {
@@ -159,8 +197,6 @@ static void *stream_worker(void *opaque)
 	 * a core.  Per-thread nice is Linux behaviour; failure is harmless. */
 	if (setpriority(PRIO_PROCESS, (id_t)gettid(), STREAM_NICE) < 0)
 		log_debug(LOG_SUB_STREAM, "cannot lower the streamer's priority: %m");
-	uint64_t yield_since = 0;
-
 	pthread_mutex_lock(&st->lock);
 	while (!st->quit) {
 		uint64_t now = now_ns();
@@ -176,18 +212,10 @@ static void *stream_worker(void *opaque)
 			wait_until_locked(st, st->backoff_until);
 			continue;
 		}
-		if (atomic_load(&d->waiting)) {
+		if (atomic_load(&d->waiting))
 			st->run_chunks = 1;
-			if (!yield_since)
-				yield_since = now;
-			if (now - yield_since < YIELD_MAX_NS) {
-				st->yielding++;
-				wait_until_locked(st, yield_since + YIELD_MAX_NS);
-				st->yielding--;
-				continue;
-			}
-		}
-		yield_since = 0;
+		if (yield_locked(d))
+			continue;
 		int64_t idx = disk_next_absent(d, st->cursor);
 		if (idx < 0) {
 			if (st->active) {

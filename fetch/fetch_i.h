@@ -66,11 +66,12 @@ void pool_setup_handle(struct fetch_pool *p, CURL *h);
  * One GET of [off, off+len) into buf with conditional headers for the
  * validator.  Checks everything (status 206, exact Content-Range, total,
  * body length, validator).  Returns 0 or -errno as in fetch.h plus
- * -ENOENT / -EACCES (not retryable).  timeout_ms bounds the attempt.
+ * -ENOENT / -EACCES (not retryable).  timeout_ms bounds the attempt.  rq
+ * (rate cap, hold callback) may be NULL.
  */
 int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *etag,
 		   const char *last_modified, uint64_t size, void *buf, size_t len, uint64_t off,
-		   uint64_t max_rate, long timeout_ms, struct http_reply *ret);
+		   const struct fetch_req *rq, long timeout_ms, struct http_reply *ret);
 
 /* Maps a CURLcode to -errno and a user-facing reason (no URL in it). */
 int http_curl_error(CURLcode rc, const char *errbuf, char *why, size_t why_size);

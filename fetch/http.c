@@ -34,6 +34,7 @@ struct xfer {
 	uint64_t last_ns;  /* when the received count last grew (or the start) */
 	curl_off_t last_now;
 	struct http_reply *reply;
+	const struct fetch_req *rq; /* may be NULL */
 };
 
 /*
@@ -130,6 +131,8 @@ static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 		x->overflow = true;
 		return 0;
 	}
+	if (x->rq && x->rq->hold)
+		x->rq->hold(x->rq->hold_opaque);
 	memcpy(x->buf + x->got, data, len);
 	x->got += len;
 	return len;
@@ -219,14 +222,14 @@ static int http_status_error(long status, const struct http_reply *r, uint64_t s
 
 int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *etag,
 		   const char *last_modified, uint64_t size, void *buf, size_t len, uint64_t off,
-		   uint64_t max_rate, long timeout_ms, struct http_reply *ret)
+		   const struct fetch_req *rq, long timeout_ms, struct http_reply *ret)
 {
 	char range[64], cond[600];
 	char errbuf[CURL_ERROR_SIZE] = "";
 	const char *extra[1];
 	size_t nextra = 0;
 	struct xfer x = {.h = h, .buf = buf, .len = len, .reply = ret, .pool = p,
-			 .last_ns = now_ns()};
+			 .last_ns = now_ns(), .rq = rq};
 	int r;
 
 	memset(ret, 0, sizeof(*ret));
@@ -258,7 +261,7 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	curl_easy_setopt(h, CURLOPT_WRITEDATA, &x);
 	curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
 	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 0L);
-	curl_easy_setopt(h, CURLOPT_MAX_RECV_SPEED_LARGE, (curl_off_t)max_rate);
+	curl_easy_setopt(h, CURLOPT_MAX_RECV_SPEED_LARGE, (curl_off_t)(rq ? rq->max_rate : 0));
 	curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, xfer_progress_cb);
 	curl_easy_setopt(h, CURLOPT_XFERINFODATA, &x);
 	curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);

@@ -209,8 +209,9 @@ static void sleep_ms(uint64_t ms)
 }
 
 int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_t off,
-			enum fetch_prio prio, uint64_t max_rate)
+			const struct fetch_req *rq)
 {
+	enum fetch_prio prio = rq->prio;
 	uint64_t start = now_ns();
 	uint64_t deadline = start + (uint64_t)t->pool->opts.timeout_s * 1000000000ull;
 	unsigned backoff_ms = RETRY_MIN_MS;
@@ -232,7 +233,7 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 						  ? (long)((deadline - now) / 1000000) + 1
 						  : 0;
 			r = http_range_get(t->pool, h, t->url, t->etag, t->last_modified, t->size, buf,
-					   len, off, max_rate, timeout_ms, &reply);
+					   len, off, rq, timeout_ms, &reply);
 			/* A connection that failed mid-transfer is not reused. */
 			pool_release(t->pool, h, r < 0 && r != -ENOENT && r != -EACCES && r != -ESTALE &&
 							r != -EAGAIN);
@@ -316,7 +317,7 @@ int fetch_probe(struct fetch_pool *p, const char *url, struct fetch_probe_result
 	CURL *h = pool_acquire(p, FETCH_PRIO_DEMAND);
 	if (!h)
 		return -errno;
-	r = http_range_get(p, h, url, NULL, NULL, 0, &b, 1, 0, 0,
+	r = http_range_get(p, h, url, NULL, NULL, 0, &b, 1, 0, NULL,
 			   (long)p->opts.timeout_s * 1000, &reply);
 	pool_release(p, h, r < 0);
 	if (r == -ESTALE && reply.have_cr && reply.cr_start == 0 && reply.cr_end == 0) {

@@ -30,11 +30,14 @@ static int src_fetch(void *opaque, void *buf, size_t len, uint64_t off,
 		     const struct cache_fetch_hint *hint)
 {
 	struct mount_disk *md = opaque;
+	const struct fetch_req rq = {
+		.prio = hint->prio == CACHE_PRIO_DEMAND ? FETCH_PRIO_DEMAND : FETCH_PRIO_STREAM,
+		.max_rate = hint->max_rate,
+		.hold = hint->hold,
+		.hold_opaque = hint->hold_opaque,
+	};
 
-	return fetch_template_read(md->tpl, buf, len, off,
-				   hint->prio == CACHE_PRIO_DEMAND ? FETCH_PRIO_DEMAND
-								   : FETCH_PRIO_STREAM,
-				   hint->max_rate);
+	return fetch_template_read(md->tpl, buf, len, off, &rq);
 }
 
 static void src_counters(void *opaque, uint64_t *fetched, uint64_t *errors)

@@ -35,6 +35,11 @@ enum cache_prio {
 struct cache_fetch_hint {
 	enum cache_prio prio;
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
+	/* Set by the cache for background fills, NULL otherwise: the source
+	 * calls it between pieces of the body; it sleeps while a demand
+	 * fetch of the same disk is in progress (see cache/stream.c). */
+	void (*hold)(void *opaque);
+	void *hold_opaque;
 };
 
 /*

@@ -101,6 +101,17 @@ struct fetch_template *fetch_template_new(struct fetch_pool *p, const char *url,
 					  const char *last_modified, uint64_t size);
 void fetch_template_free(struct fetch_template *t);
 
+/* How one range read goes out. */
+struct fetch_req {
+	enum fetch_prio prio;
+	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
+	/* May be NULL.  Called as the body arrives, between pieces; it may
+	 * sleep to hold this transfer back (the socket is not read meanwhile,
+	 * so TCP slows the sender), e.g. while a more urgent read waits. */
+	void (*hold)(void *opaque);
+	void *hold_opaque;
+};
+
 /*
  * Reads exactly len bytes at off.  DEMAND requests retry until the pool's
  * timeout; STREAM requests try a few times and return, leaving back-off to
@@ -108,7 +119,7 @@ void fetch_template_free(struct fetch_template *t);
  * -EHOSTUNREACH, -EAGAIN, -EIO.  buf is borrowed for the call.
  */
 int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_t off,
-			enum fetch_prio prio, uint64_t max_rate) __attribute__((warn_unused_result));
+			const struct fetch_req *rq) __attribute__((warn_unused_result));
 
 /* Bytes received and network errors seen (each failed attempt counts). */
 void fetch_template_counters(struct fetch_template *t, uint64_t *ret_fetched,
