@@ -504,14 +504,22 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 		       src_err[0] ? src_err : strerror(-r));
 }
 
-/* Stores the fetched chunks [a, b] from buf; *ret_local on a local failure. */
+/*
+ * Stores the fetched chunks [a, b] from buf; *ret_local on a local failure.
+ * With hold (background fills), holds back before each chunk like the
+ * transfer did: the copies of a big run would otherwise take the CPU from
+ * a demand read.
+ */
 static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *buf,
-		     bool *ret_local)
+		     const struct cache_fetch_hint *hold, bool *ret_local)
 {
 	int r = 0;
 
-	for (uint64_t i = a; r >= 0 && i <= b; i++)
+	for (uint64_t i = a; r >= 0 && i <= b; i++) {
+		if (hold && hold->hold)
+			hold->hold(hold->hold_opaque);
 		r = store_chunk(d, i, (const char *)buf + ((i - a) << d->chunk_shift));
+	}
 	*ret_local = r < 0;
 	return r;
 }
@@ -582,7 +590,7 @@ static void *storeq_worker(void *opaque)
 
 		uint64_t len = disk_run_len(d, j->a, j->b);
 		bool local;
-		int r = store_run(d, j->a, j->b, j->buf, &local);
+		int r = store_run(d, j->a, j->b, j->buf, NULL, &local);
 		buf_put(j->buf, len);
 		fill_finish(d, j->claims, j->a, j->b, r, local, 0);
 		free(j);
@@ -707,7 +715,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 				return 0; /* the job owns buf and the claims now */
 		}
 		if (r >= 0)
-			r = store_run(d, a, b, buf, &local);
+			r = store_run(d, a, b, buf, &h, &local);
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
 	}

@@ -41,13 +41,19 @@ struct stream {
 	unsigned depth;           /* chunks in flight wanted; guarded */
 	unsigned nthreads;        /* threads started; guarded */
 	unsigned active;          /* workers with a chunk in hand; guarded */
-	unsigned yielding;        /* workers holding back for demand; guarded */
+
 	uint64_t next_commit_ns;  /* when the streamer next syncs; guarded */
 	uint64_t run_chunks;      /* chunks per request now: starts at 1 and
 				   * doubles, so that a VM's first reads right
 				   * after a start never wait behind a big run */
 	pthread_t *threads;       /* nthreads entries; guarded */
 	struct ratelimit rl;      /* own lock */
+	/* Background threads holding back for a demand fetch wait here, not
+	 * on lock/cond: a demand read must never take a lock that a
+	 * low-priority thread may hold while the CPU is busy elsewhere. */
+	pthread_mutex_t gate_lock; /* protects: nothing but gate_cond; leaf */
+	pthread_cond_t gate_cond;  /* the last demand fetch in progress ended */
+	atomic_uint yielding;      /* threads waiting on gate_cond */
 };
 
 #define RA_THREADS 3                   /* read-ahead workers per disk */

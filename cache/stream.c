@@ -45,7 +45,9 @@ void stream_init(struct cache_disk *d)
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&st->cond, &ca);
+	pthread_cond_init(&st->gate_cond, &ca);
 	pthread_condattr_destroy(&ca);
+	pthread_mutex_init(&st->gate_lock, NULL);
 	st->mode = STREAM_IDLE;
 	st->depth = 2;
 	ratelimit_init(&st->rl, d->meta.speed, now_ns());
@@ -66,6 +68,8 @@ void stream_destroy(struct cache_disk *d)
 	st->threads = NULL;
 	st->nthreads = 0;
 	ratelimit_destroy(&st->rl);
+	pthread_cond_destroy(&st->gate_cond);
+	pthread_mutex_destroy(&st->gate_lock);
 	pthread_cond_destroy(&st->cond);
 	pthread_mutex_destroy(&st->lock);
 }
@@ -79,9 +83,14 @@ void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t 
 
 void stream_demand_done(struct cache_disk *d)
 {
-	LOCK_GUARD(&d->st.lock);
-	if (d->st.yielding)
-		pthread_cond_broadcast(&d->st.cond);
+	struct stream *st = &d->st;
+
+	/* A thread that starts holding back after this test sees waiting
+	 * at 0 already (both are sequentially consistent atomics). */
+	if (!atomic_load(&st->yielding))
+		return;
+	LOCK_GUARD(&st->gate_lock);
+	pthread_cond_broadcast(&st->gate_cond);
 }
 
 void stream_account(struct cache_disk *d, uint64_t bytes)
@@ -133,26 +142,31 @@ static void wait_until_locked(struct stream *st, uint64_t at_ns)
 	pthread_cond_timedwait(&st->cond, &st->lock, &ts);
 }
 
-/* When this thread may hold back again (see yield_locked). */
+/* When this thread may hold back again (see yield_to_demand). */
 static _Thread_local uint64_t yield_free_until;
 
 /*
  * Holds this background thread back while a demand fetch of the disk is in
  * progress: until it ends, YIELD_MAX_NS at most; after a hold that long,
- * none for the next YIELD_MAX_NS.  Returns whether it held.  st->lock held.
+ * none for the next YIELD_MAX_NS.  Returns whether it held.  Call with no
+ * lock held.
  */
-static bool yield_locked(struct cache_disk *d)
+static bool yield_to_demand(struct cache_disk *d)
 {
 	struct stream *st = &d->st;
 	uint64_t now = now_ns();
+	struct timespec ts;
 
 	if (!atomic_load(&d->waiting) || now < yield_free_until)
 		return false;
 	uint64_t until = now + YIELD_MAX_NS;
-	st->yielding++;
-	while (atomic_load(&d->waiting) && !st->quit && (now = now_ns()) < until)
-		wait_until_locked(st, until);
-	st->yielding--;
+	deadline_ts(&ts, until);
+	pthread_mutex_lock(&st->gate_lock);
+	atomic_fetch_add(&st->yielding, 1);
+	while (atomic_load(&d->waiting) && (now = now_ns()) < until)
+		pthread_cond_timedwait(&st->gate_cond, &st->gate_lock, &ts);
+	atomic_fetch_sub(&st->yielding, 1);
+	pthread_mutex_unlock(&st->gate_lock);
 	if (now >= until)
 		yield_free_until = now + YIELD_MAX_NS;
 	return true;
@@ -160,12 +174,7 @@ static bool yield_locked(struct cache_disk *d)
 
 void stream_hold(void *opaque)
 {
-	struct cache_disk *d = opaque;
-
-	if (!atomic_load(&d->waiting))
-		return;
-	LOCK_GUARD(&d->st.lock);
-	yield_locked(d);
+	yield_to_demand(opaque);
 }
 
 /* Records completion durably; called with no lock held. */
@@ -212,10 +221,14 @@ static void *stream_worker(void *opaque)
 			wait_until_locked(st, st->backoff_until);
 			continue;
 		}
-		if (atomic_load(&d->waiting))
+		if (atomic_load(&d->waiting)) {
 			st->run_chunks = 1;
-		if (yield_locked(d))
-			continue;
+			pthread_mutex_unlock(&st->lock);
+			bool held = yield_to_demand(d);
+			pthread_mutex_lock(&st->lock);
+			if (held)
+				continue;
+		}
 		int64_t idx = disk_next_absent(d, st->cursor);
 		if (idx < 0) {
 			if (st->active) {
