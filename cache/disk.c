@@ -707,8 +707,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
 				 bad, attempt ? "" : "; fetching it again");
 		}
-		if (hint->prio == CACHE_PRIO_DEMAND && atomic_fetch_sub(&d->waiting, 1) == 1)
-			stream_demand_done(d);
+		if (hint->prio == CACHE_PRIO_DEMAND)
+			atomic_fetch_sub(&d->waiting, 1);
 		if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
 			if (storeq_push(d, claims, a, b, buf))

@@ -48,12 +48,6 @@ struct stream {
 				   * after a start never wait behind a big run */
 	pthread_t *threads;       /* nthreads entries; guarded */
 	struct ratelimit rl;      /* own lock */
-	/* Background threads holding back for a demand fetch wait here, not
-	 * on lock/cond: a demand read must never take a lock that a
-	 * low-priority thread may hold while the CPU is busy elsewhere. */
-	pthread_mutex_t gate_lock; /* protects: nothing but gate_cond; leaf */
-	pthread_cond_t gate_cond;  /* the last demand fetch in progress ended */
-	atomic_uint yielding;      /* threads waiting on gate_cond */
 };
 
 #define RA_THREADS 3                   /* read-ahead workers per disk */
@@ -211,8 +205,6 @@ void stream_destroy(struct cache_disk *d);
 void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos);
 /* Measured streaming rate in bytes/s. Lock-free. */
 uint64_t stream_rate(struct cache_disk *d);
-/* The last demand fetch in progress ended: wakes workers holding back. */
-void stream_demand_done(struct cache_disk *d);
 /* cache_fetch_hint.hold of background fills (opaque: the disk): sleeps
  * while a demand fetch is in progress, within the limits of stream.c. */
 void stream_hold(void *opaque);

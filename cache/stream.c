@@ -35,6 +35,7 @@
 #define COMMIT_EVERY_NS 2000000000ull /* batch streamed chunks' syncs */
 #define STREAM_NICE 10                /* streamer threads' nice value */
 #define YIELD_MAX_NS 50000000ull      /* longest a worker holds back for demand */
+#define YIELD_POLL_NS 500000ull       /* how often a held-back worker looks again */
 
 void stream_init(struct cache_disk *d)
 {
@@ -45,9 +46,7 @@ void stream_init(struct cache_disk *d)
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&st->cond, &ca);
-	pthread_cond_init(&st->gate_cond, &ca);
 	pthread_condattr_destroy(&ca);
-	pthread_mutex_init(&st->gate_lock, NULL);
 	st->mode = STREAM_IDLE;
 	st->depth = 2;
 	ratelimit_init(&st->rl, d->meta.speed, now_ns());
@@ -68,8 +67,6 @@ void stream_destroy(struct cache_disk *d)
 	st->threads = NULL;
 	st->nthreads = 0;
 	ratelimit_destroy(&st->rl);
-	pthread_cond_destroy(&st->gate_cond);
-	pthread_mutex_destroy(&st->gate_lock);
 	pthread_cond_destroy(&st->cond);
 	pthread_mutex_destroy(&st->lock);
 }
@@ -81,17 +78,6 @@ void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t 
 	*ret_pos = d->st.cursor << d->chunk_shift;
 }
 
-void stream_demand_done(struct cache_disk *d)
-{
-	struct stream *st = &d->st;
-
-	/* A thread that starts holding back after this test sees waiting
-	 * at 0 already (both are sequentially consistent atomics). */
-	if (!atomic_load(&st->yielding))
-		return;
-	LOCK_GUARD(&st->gate_lock);
-	pthread_cond_broadcast(&st->gate_cond);
-}
 
 void stream_account(struct cache_disk *d, uint64_t bytes)
 {
@@ -150,23 +136,25 @@ static _Thread_local uint64_t yield_free_until;
  * progress: until it ends, YIELD_MAX_NS at most; after a hold that long,
  * none for the next YIELD_MAX_NS.  Returns whether it held.  Call with no
  * lock held.
+ *
+ * The thread polls every YIELD_POLL_NS rather than being woken: waking it
+ * from the demand read put the demand thread itself off the CPU (the woken
+ * workers took it) for 1-2.5 ms just before it answered, more than the
+ * whole read takes when idle.
  */
 static bool yield_to_demand(struct cache_disk *d)
 {
-	struct stream *st = &d->st;
 	uint64_t now = now_ns();
-	struct timespec ts;
 
 	if (!atomic_load(&d->waiting) || now < yield_free_until)
 		return false;
 	uint64_t until = now + YIELD_MAX_NS;
-	deadline_ts(&ts, until);
-	pthread_mutex_lock(&st->gate_lock);
-	atomic_fetch_add(&st->yielding, 1);
-	while (atomic_load(&d->waiting) && (now = now_ns()) < until)
-		pthread_cond_timedwait(&st->gate_cond, &st->gate_lock, &ts);
-	atomic_fetch_sub(&st->yielding, 1);
-	pthread_mutex_unlock(&st->gate_lock);
+	while (atomic_load(&d->waiting) && now < until) {
+		uint64_t ns = MIN(YIELD_POLL_NS, until - now);
+		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
+		nanosleep(&ts, NULL);
+		now = now_ns();
+	}
 	if (now >= until)
 		yield_free_until = now + YIELD_MAX_NS;
 	return true;
