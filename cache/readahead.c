@@ -97,8 +97,12 @@ void readahead_note(struct cache_disk *d, uint64_t off, uint64_t len)
 		ra->next = ra->end = 0;
 		return;
 	}
-	ra->expect_off = MAX(ra->expect_off, off + len);
-	ra->seq_bytes += len;
+	/* Only bytes read on new ground count: a reader going over the same
+	 * block again, or skipping ahead, is not reading on. */
+	if (off + len > ra->expect_off) {
+		ra->seq_bytes += MIN(len, off + len - ra->expect_off);
+		ra->expect_off = off + len;
+	}
 	/* One large read reaches us as several small ones: only a reader
 	 * that has gone on sequentially across two chunks counts, and the
 	 * window grows with how far it has come (as the kernel's own
