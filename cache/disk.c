@@ -561,7 +561,7 @@ struct store_job {
 };
 
 /* At most this many bytes wait to be stored; beyond, readers store inline. */
-#define STOREQ_MAX_BYTES (32u << 20)
+#define STOREQ_MAX_BYTES (16u << 20)
 
 static void storeq_init(struct cache_disk *d)
 {
@@ -688,6 +688,9 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		budget_take(len);
 		h.hold = stream_hold;
 		h.hold_opaque = d;
+	} else {
+		h.on_wire = stream_demand_on_wire;
+		h.on_wire_opaque = d;
 	}
 	if (!d->src.fetch_range) {
 		r = -EIO;

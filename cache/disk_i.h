@@ -114,6 +114,7 @@ struct cache_disk {
 
 	atomic_uint_fast64_t writes_since_sync; /* data writes not yet fdatasync'd */
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
+	atomic_uint_fast64_t demand_on_wire;    /* of those, requests under way */
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */
 	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
 	atomic_uint_fast64_t rate_since;  /* second streaming last started */
@@ -206,8 +207,10 @@ void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t 
 /* Measured streaming rate in bytes/s. Lock-free. */
 uint64_t stream_rate(struct cache_disk *d);
 /* cache_fetch_hint.hold of background fills (opaque: the disk): sleeps
- * while a demand fetch is in progress, within the limits of stream.c. */
+ * while a demand request is on the wire, within the limits of stream.c. */
 void stream_hold(void *opaque);
+/* cache_fetch_hint.on_wire of demand fills (opaque: the disk). */
+void stream_demand_on_wire(void *opaque, int delta);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);
 

@@ -14,8 +14,8 @@
  * stop reading their sockets (so TCP slows the server's side too), and the
  * streamer's run size starts again from one chunk.  The link, the CPU and
  * the image's inode lock go to the read a VM waits for.  A thread holds
- * back YIELD_MAX_NS at most in one go, then runs free as long, so a busy
- * VM slows streaming but never stops it.
+ * back YIELD_MAX_NS at most in every 2 * YIELD_MAX_NS, so a busy VM slows
+ * streaming but never stops it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -128,41 +128,62 @@ static void wait_until_locked(struct stream *st, uint64_t at_ns)
 	pthread_cond_timedwait(&st->cond, &st->lock, &ts);
 }
 
-/* When this thread may hold back again (see yield_to_demand). */
-static _Thread_local uint64_t yield_free_until;
+/* This thread's holding back: the window it is in and how long it has
+ * held in it (see yield_to_demand). */
+static _Thread_local uint64_t yield_window_start;
+static _Thread_local uint64_t yield_held_ns;
 
 /*
- * Holds this background thread back while a demand fetch of the disk is in
- * progress: until it ends, YIELD_MAX_NS at most; after a hold that long,
- * none for the next YIELD_MAX_NS.  Returns whether it held.  Call with no
- * lock held.
+ * Holds this background thread back while *count (demand fetches of the
+ * disk) is not 0, but for at most YIELD_MAX_NS in every 2 * YIELD_MAX_NS,
+ * so that back-to-back demand reads slow the background to half speed at
+ * worst, never to a stop.  Returns whether it held.  Call with no lock held.
  *
  * The thread polls every YIELD_POLL_NS rather than being woken: waking it
  * from the demand read put the demand thread itself off the CPU (the woken
  * workers took it) for 1-2.5 ms just before it answered, more than the
  * whole read takes when idle.
  */
-static bool yield_to_demand(struct cache_disk *d)
+static bool yield_to_demand(atomic_uint_fast64_t *count)
 {
 	uint64_t now = now_ns();
 
-	if (!atomic_load(&d->waiting) || now < yield_free_until)
+	if (!atomic_load(count))
 		return false;
-	uint64_t until = now + YIELD_MAX_NS;
-	while (atomic_load(&d->waiting) && now < until) {
+	if (now - yield_window_start >= 2 * YIELD_MAX_NS) {
+		yield_window_start = now;
+		yield_held_ns = 0;
+	}
+	if (yield_held_ns >= YIELD_MAX_NS)
+		return false;
+	uint64_t start = now, until = now + (YIELD_MAX_NS - yield_held_ns);
+	while (atomic_load(count) && now < until) {
 		uint64_t ns = MIN(YIELD_POLL_NS, until - now);
 		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
 		nanosleep(&ts, NULL);
 		now = now_ns();
 	}
-	if (now >= until)
-		yield_free_until = now + YIELD_MAX_NS;
+	yield_held_ns += now - start;
 	return true;
 }
 
 void stream_hold(void *opaque)
 {
-	yield_to_demand(opaque);
+	struct cache_disk *d = opaque;
+
+	/* Only for demand requests on the wire: one still waiting for a
+	 * connection may be waiting for this very transfer's. */
+	yield_to_demand(&d->demand_on_wire);
+}
+
+void stream_demand_on_wire(void *opaque, int delta)
+{
+	struct cache_disk *d = opaque;
+
+	if (delta > 0)
+		atomic_fetch_add(&d->demand_on_wire, 1);
+	else
+		atomic_fetch_sub(&d->demand_on_wire, 1);
 }
 
 /* Records completion durably; called with no lock held. */
@@ -194,6 +215,8 @@ static void *stream_worker(void *opaque)
 	 * a core.  Per-thread nice is Linux behaviour; failure is harmless. */
 	if (setpriority(PRIO_PROCESS, (id_t)gettid(), STREAM_NICE) < 0)
 		log_debug(LOG_SUB_STREAM, "cannot lower the streamer's priority: %m");
+	bool demand_checked = false; /* held back as long as allowed already */
+
 	pthread_mutex_lock(&st->lock);
 	while (!st->quit) {
 		uint64_t now = now_ns();
@@ -209,14 +232,19 @@ static void *stream_worker(void *opaque)
 			wait_until_locked(st, st->backoff_until);
 			continue;
 		}
-		if (atomic_load(&d->waiting)) {
+		/* New requests wait for any demand fetch, even one queued
+		 * for a connection: they would only take connections from it.
+		 * After holding (or not, within its limits), everything above
+		 * is checked again: a stop or a quit may have come meanwhile. */
+		if (!demand_checked && atomic_load(&d->waiting)) {
 			st->run_chunks = 1;
 			pthread_mutex_unlock(&st->lock);
-			bool held = yield_to_demand(d);
+			bool held = yield_to_demand(&d->waiting);
 			pthread_mutex_lock(&st->lock);
-			if (held)
-				continue;
+			demand_checked = !held;
+			continue;
 		}
+		demand_checked = false;
 		int64_t idx = disk_next_absent(d, st->cursor);
 		if (idx < 0) {
 			if (st->active) {

@@ -35,6 +35,8 @@ static int src_fetch(void *opaque, void *buf, size_t len, uint64_t off,
 		.max_rate = hint->max_rate,
 		.hold = hint->hold,
 		.hold_opaque = hint->hold_opaque,
+		.on_wire = hint->on_wire,
+		.on_wire_opaque = hint->on_wire_opaque,
 	};
 
 	return fetch_template_read(md->tpl, buf, len, off, &rq);

@@ -40,6 +40,13 @@ struct cache_fetch_hint {
 	 * fetch of the same disk is in progress (see cache/stream.c). */
 	void (*hold)(void *opaque);
 	void *hold_opaque;
+	/* Set by the cache for demand fills, NULL otherwise: the source
+	 * calls it with +1 when the request has a connection and goes out,
+	 * with -1 when it is over.  Background fills hold back only for
+	 * demand requests on the wire, never for one queued for a
+	 * connection that a held-back transfer would free. */
+	void (*on_wire)(void *opaque, int delta);
+	void *on_wire_opaque;
 };
 
 /*

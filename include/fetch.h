@@ -110,6 +110,11 @@ struct fetch_req {
 	 * so TCP slows the sender), e.g. while a more urgent read waits. */
 	void (*hold)(void *opaque);
 	void *hold_opaque;
+	/* May be NULL.  Called with +1 once the transfer has a connection
+	 * and is about to start, and with -1 when it has ended (once per
+	 * attempt), so that others can tell it is on the wire. */
+	void (*on_wire)(void *opaque, int delta);
+	void *on_wire_opaque;
 };
 
 /*
