@@ -506,18 +506,17 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 
 /*
  * Stores the fetched chunks [a, b] from buf; *ret_local on a local failure.
- * With hold (background fills), holds back before each chunk like the
- * transfer did: the copies of a big run would otherwise take the CPU from
- * a demand read.
+ * A background fill holds back before each chunk like its transfer did:
+ * the copies of a big run would otherwise take the CPU from a demand read.
  */
 static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *buf,
-		     const struct cache_fetch_hint *hold, bool *ret_local)
+		     bool background, bool *ret_local)
 {
 	int r = 0;
 
 	for (uint64_t i = a; r >= 0 && i <= b; i++) {
-		if (hold && hold->hold)
-			hold->hold(hold->hold_opaque);
+		if (background)
+			stream_hold(d);
 		r = store_chunk(d, i, (const char *)buf + ((i - a) << d->chunk_shift));
 	}
 	*ret_local = r < 0;
@@ -590,7 +589,7 @@ static void *storeq_worker(void *opaque)
 
 		uint64_t len = disk_run_len(d, j->a, j->b);
 		bool local;
-		int r = store_run(d, j->a, j->b, j->buf, NULL, &local);
+		int r = store_run(d, j->a, j->b, j->buf, false, &local);
 		buf_put(j->buf, len);
 		fill_finish(d, j->claims, j->a, j->b, r, local, 0);
 		free(j);
@@ -697,7 +696,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	} else if (!(buf = buf_get(len))) {
 		r = -ENOMEM;
 	} else {
-		if (hint->prio == CACHE_PRIO_DEMAND)
+		if (!background)
 			atomic_fetch_add(&d->waiting, 1);
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
@@ -710,7 +709,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
 				 bad, attempt ? "" : "; fetching it again");
 		}
-		if (hint->prio == CACHE_PRIO_DEMAND)
+		if (!background)
 			atomic_fetch_sub(&d->waiting, 1);
 		if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
@@ -718,7 +717,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 				return 0; /* the job owns buf and the claims now */
 		}
 		if (r >= 0)
-			r = store_run(d, a, b, buf, &h, &local);
+			r = store_run(d, a, b, buf, background, &local);
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
 	}
