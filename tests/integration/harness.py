@@ -239,6 +239,22 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+_workspace = None
+
+
+def workspace():
+    """The script's one Workspace, made on first use."""
+    global _workspace
+    if _workspace is None:
+        _workspace = Workspace()
+    return _workspace
+
+
+def xattr(path, name):
+    """The value of user.streamfs.NAME of path, as text."""
+    return os.getxattr(path, "user.streamfs." + name).decode()
+
+
 class Template:
     def __init__(self, name, path, size, sha256):
         self.name, self.path, self.size, self.sha256 = name, path, size, sha256

@@ -18,14 +18,9 @@ import time
 import harness as h
 from harness import KiB, MiB, fail
 
-_ws = None
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def template(kind):

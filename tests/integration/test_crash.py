@@ -27,14 +27,9 @@ from harness import KiB, MiB, fail
 
 BLOCK = 4096
 
-_ws = None
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def image_dir():
@@ -94,8 +89,7 @@ def control(m, cmd, ok_errnos=()):
         os.close(fd)
 
 
-def xattr(path, name):
-    return os.getxattr(path, f"user.streamfs.{name}").decode(errors="replace")
+xattr = h.xattr
 
 
 def wait_complete(path, timeout):

@@ -29,7 +29,6 @@ import time
 import harness as h
 from harness import KiB, MiB, fail
 
-_ws = None
 
 XATTRS = ("state", "size", "position", "cached", "progress", "rate", "speed", "template",
           "chunk_size", "error", "fetched", "errors", "waiting")
@@ -37,11 +36,7 @@ STATES = {"idle", "streaming", "paused", "complete", "error"}
 COMMANDS = ("add", "status", "start", "stop", "speed", "chunk", "wait", "verify", "manifest")
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def template(kind):
@@ -68,8 +63,7 @@ def file_url(t):
     return "file://" + t.path
 
 
-def xattr(path, name):
-    return os.getxattr(path, "user.streamfs." + name).decode()
+xattr = h.xattr
 
 
 def xattrs(path):

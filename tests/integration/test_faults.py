@@ -29,14 +29,9 @@ FAULTSERVER = os.path.join(h.SRC, "tests", "faultserver.py")
 CHUNK = MiB
 SIZE = 4 * MiB + 4097          # five chunks, the last one short
 
-_ws = None
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def template(name, size=SIZE):
@@ -352,8 +347,7 @@ def read_eio(m, name, off, length, what, timeout=40):
     return rd.elapsed
 
 
-def xattr(path, name):
-    return os.getxattr(path, "user.streamfs." + name).decode()
+xattr = h.xattr
 
 
 def xattrs(path):

@@ -15,21 +15,11 @@ import subprocess
 import harness as h
 from harness import KiB, MiB, fail
 
-_ws = None
 CHUNK = 256 * KiB
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
-
-
-def xattr(path, name):
-    return os.getxattr(path, "user.streamfs." + name).decode()
-
-
+ws = h.workspace
+xattr = h.xattr
 control = h.control_send
 
 

@@ -18,18 +18,9 @@ import urllib.request
 import harness as h
 from harness import MiB, fail
 
-_ws = None
 
-
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
-
-
-def xattr(path, name):
-    return os.getxattr(path, "user.streamfs." + name).decode()
+ws = h.workspace
+xattr = h.xattr
 
 
 def control(mnt, line):

@@ -41,7 +41,6 @@ import urllib.request
 import harness as h
 from harness import KiB, MiB, fail
 
-_ws = None
 _pki = None
 
 TOKEN = "s3cr3t-token"
@@ -53,11 +52,7 @@ CHUNK = 64 * KiB
 FETCH_ERRORS = [r"(?i)certificate|TLS|SSL|verif|HTTP 40\d|access denied|denied|forbidden"]
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def template(name="tls.img", size=2 * MiB + 12345):

@@ -24,14 +24,9 @@ import time
 import harness as h
 from harness import KiB, MiB, fail
 
-_ws = None
 
 
-def ws():
-    global _ws
-    if _ws is None:
-        _ws = h.Workspace()
-    return _ws
+ws = h.workspace
 
 
 def template(kind):
@@ -107,8 +102,7 @@ def control(m, cmd):
         os.close(fd)
 
 
-def xattr(path, name):
-    return os.getxattr(path, f"user.streamfs.{name}").decode(errors="replace")
+xattr = h.xattr
 
 
 def wait_state(path, want, timeout, bad=("error",)):
