@@ -111,6 +111,18 @@ def wait_port(port, proc, timeout=10.0):
     raise RuntimeError("nothing listening on port %d" % port)
 
 
+def run_threads(target, args_list):
+    """Runs target(*args) in one thread per args, all at once, and returns
+    the wall time.  Targets report their errors themselves."""
+    ts = [threading.Thread(target=target, args=args) for args in args_list]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def read_through(path):
     """Reads a file to warm the page cache (server side)."""
     with open(path, "rb", buffering=0) as f:
@@ -550,13 +562,7 @@ class Bench:
 
         offs = [[self.rng.randrange(nchunks) * chunk for _ in range(per_reader)]
                 for _ in range(readers)]
-        ts = [threading.Thread(target=worker, args=(o,)) for o in offs]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_threads(worker, [(o,) for o in offs])
         if errors:
             raise errors[0]
         return readers * per_reader / wall, lat
@@ -687,13 +693,7 @@ class Bench:
                 errors.append(e)
             lat.extend(mine)
 
-        ts = [threading.Thread(target=worker, args=(p,)) for p in per]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_threads(worker, [(p,) for p in per])
         if errors:
             raise errors[0]
         return lat, len(offsets) / wall
