@@ -88,18 +88,10 @@ def pread_direct(path, off, length):
 def control(m, cmd):
     """Writes one command to MNT/.control; returns its reply.  Raises
     OSError when the daemon refuses the command."""
-    fd = os.open(m.path(".control"), os.O_RDWR)
-    try:
-        os.write(fd, (cmd + "\n").encode())
-        out = b""
-        while True:
-            b = os.read(fd, 65536)
-            if not b:
-                break
-            out += b
-        return out.decode(errors="replace")
-    finally:
-        os.close(fd)
+    e, reply = h.control_send(m.mnt, cmd + "\n")
+    if e > 0:
+        raise OSError(e, f"{cmd!r}: {os.strerror(e)}")
+    return reply
 
 
 xattr = h.xattr
