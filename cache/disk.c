@@ -523,6 +523,13 @@ static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *b
 	return r;
 }
 
+/* A success ends a transient error: the text shows current trouble. */
+static void clear_transient_error_locked(struct cache_disk *d)
+{
+	if (!d->failed && !d->local_error)
+		d->error[0] = '\0';
+}
+
 /* Records the outcome of a fill of [a, b] and finishes its claims. */
 static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
 			int r, bool local, uint64_t bad)
@@ -539,9 +546,8 @@ static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t
 	LOCK_GUARD(&d->lock);
 	for (uint64_t i = a; i <= b; i++)
 		inflight_finish_locked(d, claims[i - a], r);
-	/* A success ends a transient error: the text shows current trouble. */
-	if (r >= 0 && !d->failed && !d->local_error)
-		d->error[0] = '\0';
+	if (r >= 0)
+		clear_transient_error_locked(d);
 }
 
 /*
@@ -713,6 +719,12 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			atomic_fetch_sub(&d->waiting, 1);
 		if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
+			/* The reader is answered now, before the store: whoever
+			 * looks at the error after the read must not see an
+			 * outage that this fetch has ended. */
+			pthread_mutex_lock(&d->lock);
+			clear_transient_error_locked(d);
+			pthread_mutex_unlock(&d->lock);
 			if (storeq_push(d, claims, a, b, buf))
 				return 0; /* the job owns buf and the claims now */
 		}
