@@ -13,6 +13,12 @@
 #include "disk_i.h"
 #include "util.h"
 
+bool cache_disk_complete(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->lock);
+	return d->present.count == d->nchunks;
+}
+
 void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret)
 {
 	struct cache_disk_stats s = {0};

@@ -38,6 +38,7 @@ struct mount_opts {
 	char *chunk_size;    /* default for new disks */
 	char *readahead;     /* SIZE, NULL = default for the stream mode */
 	char *debug_subsys;  /* -o debug=fetch,cache,... */
+	int nopassthrough;   /* never serve complete disks by FUSE passthrough */
 	int show_help;
 	int show_version;
 };
@@ -47,6 +48,13 @@ struct mount_disk {
 	char *name;
 	struct cache_disk *disk;
 	struct fetch_template *tpl;
+
+	pthread_mutex_t pt_lock;  /* protects the five below; leaf */
+	unsigned cached_opens;    /* descriptors open through the page cache */
+	unsigned pt_opens;        /* descriptors open in passthrough */
+	int32_t backing_id;       /* the image's kernel backing id, 0 = none */
+	bool pt_used;             /* passthrough since the last cached open */
+	bool pt_wrote;            /* a writable passthrough descriptor was open */
 };
 
 struct mount_ctx {
@@ -114,6 +122,17 @@ void fs_control_release(struct fuse_file_info *fi);
 void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 /* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
 char *fs_status_line(struct mount_disk *md);
+
+/* passthrough.c; a disk's fi->fh is its mount_disk | these bits. */
+#define FS_FH_PASSTHROUGH ((uint64_t)2)
+#define FS_FH_WRITABLE ((uint64_t)4)
+#define FS_FH_FLAGS ((uint64_t)7)
+/* Hooks the mounted session's replies to offer passthrough to the kernel. */
+int fs_passthrough_install(struct fuse_session *se) __attribute__((warn_unused_result));
+/* Chooses passthrough or the page cache for this open of md; sets fi. */
+void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi);
+/* The release of a descriptor opened with fs_passthrough_open(). */
+void fs_passthrough_release(struct mount_disk *md, uint64_t fh);
 
 /* ops.c */
 extern const struct fuse_operations fs_ops;

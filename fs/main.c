@@ -44,6 +44,7 @@ static const struct fuse_opt option_spec[] = {
 	OPT("aws_credentials=%s", aws_credentials, 0),
 	OPT("insecure", insecure, 1),
 	OPT("readonly", readonly, 1),
+	OPT("nopassthrough", nopassthrough, 1),
 	OPT("chunk_size=%s", chunk_size, 0),
 	OPT("readahead=%s", readahead, 0),
 	OPT("debug=%s", debug_subsys, 0),
@@ -78,6 +79,8 @@ static void usage(FILE *out)
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
 		"  readahead=SIZE         fetch ahead of sequential readers (default 32M, 0 = off)\n"
+		"  nopassthrough          serve complete disks through the daemon, never by\n"
+		"                         kernel FUSE passthrough\n"
 		"  cafile=FILE, capath=DIR  CA certificates for https templates\n"
 		"  cert=FILE, key=FILE    TLS client certificate and key\n"
 		"  insecure               do not verify TLS certificates (logs a warning)\n"
@@ -301,6 +304,10 @@ int main(int argc, char **argv)
 	if (fuse_mount(fuse, m.opts.mountpoint) != 0) {
 		fprintf(stderr, "streamfs: cannot mount on %s\n", m.opts.mountpoint);
 		goto out_disks;
+	}
+	if (!m.opts.nopassthrough && fs_passthrough_install(fuse_get_session(fuse)) < 0) {
+		fprintf(stderr, "streamfs: cannot hook FUSE I/O for passthrough\n");
+		goto out_unmount;
 	}
 	if (fuse_daemonize(m.opts.foreground) != 0)
 		goto out_unmount;

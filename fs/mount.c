@@ -62,6 +62,7 @@ static void mount_disk_free(struct mount_disk *md)
 		return;
 	cache_disk_free(md->disk);
 	fetch_template_free(md->tpl);
+	pthread_mutex_destroy(&md->pt_lock);
 	free(md->name);
 	free(md);
 }
@@ -99,9 +100,10 @@ int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why
 
 	if (!md)
 		return -ENOMEM;
+	pthread_mutex_init(&md->pt_lock, NULL);
 	md->name = strdup(name);
 	if (!md->name) {
-		free(md);
+		mount_disk_free(md);
 		return -ENOMEM;
 	}
 	r = cache_disk_open(m->dirfd, name, &md->disk, why, why_size);

@@ -28,7 +28,8 @@ static bool fh_is_control(const struct fuse_file_info *fi)
 static struct mount_disk *disk_of(const char *path, struct fuse_file_info *fi)
 {
 	if (fi && fi->fh)
-		return fh_is_control(fi) ? NULL : (struct mount_disk *)(uintptr_t)fi->fh;
+		return fh_is_control(fi) ? NULL
+					 : (struct mount_disk *)(uintptr_t)(fi->fh & ~FS_FH_FLAGS);
 	return path ? mount_find_path(mount_ctx_get(), path) : NULL;
 }
 
@@ -130,6 +131,7 @@ static int fs_open(const char *path, struct fuse_file_info *fi)
 	/* The page cache cannot go stale: every change to a disk's bytes
 	 * comes through this mount, and absent data are never cached. */
 	fi->keep_cache = 1;
+	fs_passthrough_open(md, fi);
 	return 0;
 }
 
@@ -215,8 +217,10 @@ static int fs_flush(const char *path, struct fuse_file_info *fi)
 
 	if (!md)
 		return 0;
-	/* close(2) of a written disk makes the writes durable too. */
-	if (!cache_disk_dirty(md->disk))
+	/* close(2) of a written disk makes the writes durable too.  Writes
+	 * through passthrough bypass the daemon, so such a descriptor always
+	 * syncs (cheap on a clean image). */
+	if (!(fi->fh & FS_FH_WRITABLE) && !cache_disk_dirty(md->disk))
 		return 0;
 	return fs_fsync(path, 1, fi);
 }
@@ -226,6 +230,8 @@ static int fs_release(const char *path, struct fuse_file_info *fi)
 	(void)path;
 	if (fh_is_control(fi))
 		fs_control_release(fi);
+	else if (fi->fh)
+		fs_passthrough_release(disk_of(NULL, fi), fi->fh);
 	return 0;
 }
 

@@ -206,6 +206,9 @@ int cache_disk_sync(struct cache_disk *d) __attribute__((warn_unused_result));
 /* Cheap check used by close(): true when cache_disk_sync has work to do. */
 bool cache_disk_dirty(struct cache_disk *d);
 
+/* True when every chunk is present: the local image is the whole disk. */
+bool cache_disk_complete(struct cache_disk *d);
+
 /* Fills a consistent snapshot of the disk's progress. Never blocks on I/O. */
 void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret);
 

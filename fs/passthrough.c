@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: MIT
+/*
+ * FUSE passthrough for complete disks.  On a kernel with passthrough
+ * (Linux >= 6.9, CONFIG_FUSE_PASSTHROUGH) and with CAP_SYS_ADMIN, a file
+ * opened with FOPEN_PASSTHROUGH is served by the kernel straight from a
+ * backing file, here the disk's local image: reads and writes never come
+ * to this daemon and use the image's own page cache.
+ *
+ * libfuse 3.14 predates the feature, so it is switched on through
+ * libfuse's custom I/O hook, which sees every reply before it is written
+ * to /dev/fuse.  The first reply, INIT's, gains FUSE_PASSTHROUGH; the reply
+ * to an open that fs_passthrough_open() chose for passthrough, sent by the
+ * same worker thread right after the open handler returns, gains
+ * FOPEN_PASSTHROUGH and the disk's backing id.
+ *
+ * The kernel fails with EIO an open whose mode differs from the files
+ * already open on that inode (passthrough against page-cached), so the
+ * mode of each open is chosen here from the disk's open counts: only
+ * read-only opens of a complete disk start passthrough, only while no
+ * page-cached descriptor is open, and every open made while a passthrough
+ * descriptor is open gets passthrough too.  RELEASE reaches the daemon
+ * after the kernel has dropped the file, so these counts are never below
+ * the kernel's and the rule holds.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "fs_i.h" /* first: FUSE_USE_VERSION */
+
+#include <fuse_lowlevel.h>
+
+#include "common/cleanup.h"
+#include "log.h"
+
+/* From Linux 6.9's <linux/fuse.h> (protocol 7.40); Debian 12's headers
+ * are older. */
+#define PT_INIT_FLAG2 (1u << (37 - 32))   /* FUSE_PASSTHROUGH in flags2 */
+#define PT_FOPEN ((uint32_t)1 << 7)       /* FOPEN_PASSTHROUGH */
+#define PT_FOPEN_ALLOWED (FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES | FOPEN_NOFLUSH)
+struct pt_backing_map {
+	int32_t fd;
+	uint32_t flags;
+	uint64_t padding;
+};
+/* Backing ids are never closed: disks stay for the whole mount, and the
+ * kernel drops them with the connection. */
+#define PT_IOC_BACKING_OPEN _IOW(229, 1, struct pt_backing_map)
+
+/* The INIT reply's max_stack_depth follows flags2 where 7.38 has unused[0]. */
+_Static_assert(offsetof(struct fuse_init_out, unused) == 36, "fuse_init_out layout");
+/* fuse_open_out's padding is 7.40's backing_id. */
+_Static_assert(sizeof(struct fuse_open_out) == 16, "fuse_open_out layout");
+
+static struct {
+	int devfd;              /* the session's /dev/fuse, -1 when not installed */
+	atomic_bool init_seen;  /* the first reply (INIT's) went out */
+	atomic_bool offered;    /* the kernel was told we use passthrough */
+	atomic_bool broken;     /* a backing open failed: never try again */
+} pt = {.devfd = -1};
+
+/* The open reply this thread is about to send, if chosen for passthrough. */
+static _Thread_local struct {
+	uint64_t fh;  /* 0 = none */
+	int32_t backing_id;
+} pending;
+
+static void patch_init(struct iovec *iov, int count, struct fuse_init_out *copy)
+{
+	const struct fuse_out_header *oh = iov[0].iov_base;
+
+	if (count != 2 || iov[0].iov_len != sizeof(*oh) || oh->error ||
+	    iov[1].iov_len != sizeof(*copy))
+		return;
+	memcpy(copy, iov[1].iov_base, sizeof(*copy));
+	/* Passthrough needs the extended flags, and the kernel refuses it
+	 * alongside the writeback cache (which streamfs does not use). */
+	if (copy->major != FUSE_KERNEL_VERSION || !(copy->flags & FUSE_INIT_EXT) ||
+	    (copy->flags & FUSE_WRITEBACK_CACHE))
+		return;
+	copy->flags2 |= PT_INIT_FLAG2;
+	copy->unused[0] = 1; /* max_stack_depth: images sit on a plain filesystem */
+	iov[1].iov_base = copy;
+	atomic_store(&pt.offered, true);
+}
+
+static void patch_open(struct iovec *iov, int count, struct fuse_open_out *copy)
+{
+	const struct fuse_out_header *oh = iov[0].iov_base;
+
+	if (count != 2 || iov[0].iov_len != sizeof(*oh) || oh->error ||
+	    iov[1].iov_len != sizeof(*copy)) {
+		log_err("passthrough: open reply not recognised; the disk may fail to open");
+		return;
+	}
+	memcpy(copy, iov[1].iov_base, sizeof(*copy));
+	if (copy->fh != pending.fh) {
+		log_err("passthrough: open reply not recognised; the disk may fail to open");
+		return;
+	}
+	/* The kernel takes no other flags with passthrough (keep_cache is
+	 * meaningless there). */
+	copy->open_flags = (copy->open_flags & PT_FOPEN_ALLOWED) | PT_FOPEN;
+	copy->padding = (uint32_t)pending.backing_id;
+	iov[1].iov_base = copy;
+}
+
+static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+	struct fuse_init_out init;
+	struct fuse_open_out open;
+	struct iovec v[2];
+
+	(void)userdata;
+	/* Never change libfuse's own array: patch a copy. */
+	if (count == 2) {
+		memcpy(v, iov, sizeof(v));
+		if (!atomic_exchange(&pt.init_seen, true))
+			patch_init(v, count, &init);
+		else if (pending.fh)
+			patch_open(v, count, &open);
+		iov = v;
+	}
+	pending.fh = 0;
+	return writev(fd, iov, count);
+}
+
+static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+{
+	(void)userdata;
+	return read(fd, buf, len);
+}
+
+static ssize_t pt_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+			 unsigned int flags, void *userdata)
+{
+	(void)userdata;
+	return splice(fdin, offin, fdout, offout, len, flags);
+}
+
+int fs_passthrough_install(struct fuse_session *se)
+{
+	/* The hook replaces libfuse's own I/O; splice is kept both ways. */
+	static const struct fuse_custom_io io = {
+		.writev = pt_writev,
+		.read = pt_read,
+		.splice_receive = pt_splice,
+		.splice_send = pt_splice,
+	};
+	int fd = fuse_session_fd(se);
+	int r = fuse_session_custom_io(se, &io, fd);
+
+	if (r < 0)
+		return r;
+	pt.devfd = fd;
+	return 0;
+}
+
+/* Locked by md->pt_lock.  Returns the disk's backing id, or 0. */
+static int32_t backing_get_locked(struct mount_disk *md)
+{
+	if (md->backing_id > 0)
+		return md->backing_id;
+	struct pt_backing_map map = {.fd = cache_disk_fd(md->disk)};
+	int id = ioctl(pt.devfd, PT_IOC_BACKING_OPEN, &map);
+	if (id <= 0) {
+		int e = id < 0 ? errno : EINVAL;
+		if (!atomic_exchange(&pt.broken, true))
+			log_info("passthrough unavailable (%s): complete disks are served "
+				 "through the daemon", e == EPERM ? "needs CAP_SYS_ADMIN and "
+				 "kernel support" : strerror(e));
+		return 0;
+	}
+	md->backing_id = id;
+	log_debug(LOG_SUB_FS, "disk %s: passthrough backing id %d", md->name, id);
+	return id;
+}
+
+void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi)
+{
+	bool rdonly = (fi->flags & O_ACCMODE) == O_RDONLY;
+	LOCK_GUARD(&md->pt_lock);
+	int32_t id = 0;
+
+	if (md->pt_opens)
+		id = md->backing_id; /* the kernel wants every open like the others */
+	else if (rdonly && !md->cached_opens && atomic_load(&pt.offered) &&
+		 !atomic_load(&pt.broken) && cache_disk_complete(md->disk))
+		id = backing_get_locked(md);
+	if (id > 0) {
+		md->pt_opens++;
+		md->pt_used = true;
+		fi->fh |= FS_FH_PASSTHROUGH | (rdonly ? 0 : FS_FH_WRITABLE);
+		pending.fh = fi->fh;
+		pending.backing_id = id;
+		return;
+	}
+	md->cached_opens++;
+	/* Passthrough writes bypass this inode's page cache: drop what it
+	 * kept from before. */
+	if (md->pt_used) {
+		fi->keep_cache = 0;
+		md->pt_used = false;
+	}
+}
+
+void fs_passthrough_release(struct mount_disk *md, uint64_t fh)
+{
+	LOCK_GUARD(&md->pt_lock);
+
+	if (!(fh & FS_FH_PASSTHROUGH)) {
+		md->cached_opens--;
+		return;
+	}
+	if (fh & FS_FH_WRITABLE)
+		md->pt_wrote = true;
+	if (--md->pt_opens || !md->pt_wrote)
+		return;
+	md->pt_wrote = false;
+	/* A passthrough write past the disk's end grows the image, which the
+	 * disk's size (its template's) forbids: cut the image back. */
+	struct stat st;
+	uint64_t size = cache_disk_size(md->disk);
+	int fd = cache_disk_fd(md->disk);
+	if (fstat(fd, &st) == 0 && (uint64_t)st.st_size > size) {
+		log_warn("disk %s: %llu bytes written past the disk's end were dropped", md->name,
+			 (unsigned long long)((uint64_t)st.st_size - size));
+		if (ftruncate(fd, (off_t)size) < 0)
+			log_err("disk %s: cannot cut the image back to %llu bytes: %s", md->name,
+				(unsigned long long)size, strerror(errno));
+	}
+}

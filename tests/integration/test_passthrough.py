@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: MIT
+"""FUSE passthrough of complete disks: a read-only open of a complete disk
+is served by the kernel from the local image, so it reads every byte
+correctly while the daemon is stopped (SIGSTOP); the kernel's rule that
+the opens of one file are all passthrough or all page-cached is never
+broken (which would fail open(2) with EIO); a passthrough write is seen by
+later page-cached opens; a write past the disk's end through passthrough
+cannot grow the image; -o nopassthrough keeps every read in the daemon.
+
+Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN.  Without them the tests
+say so and check only that opens and reads still work (CI=true: fail).
+
+Run: python3 tests/integration/test_passthrough.py [test_name...]
+"""
+
+import os
+import platform
+import signal
+import threading
+
+import harness as h
+from harness import MiB, fail
+
+
+ws = h.workspace
+xattr = h.xattr
+
+
+def passthrough_expected():
+    """True when this machine can do passthrough; else logs why not."""
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    why = None
+    if os.geteuid() != 0:
+        why = "not root (passthrough needs CAP_SYS_ADMIN)"
+    elif release < (6, 9):
+        why = f"kernel {platform.release()} predates FUSE passthrough (6.9)"
+    if why and os.environ.get("CI") == "true":
+        fail(f"{why} (CI=true: not skipping)")
+    if why:
+        h.log(f"passthrough not checked: {why}")
+    return why is None
+
+
+def complete_disk(name, size, opts=("stream=auto",), allow=()):
+    """A template, nginx, and a mount whose disk `name` is complete."""
+    t = ws().template(name + ".raw", size)
+    img = ws().mkdir("images", unique=True)
+    ng = h.Nginx(ws()).start()
+    h.ctl_add(img, name, ng.url(t.name))
+    m = h.Mount(ws(), img, opts=opts, allow=allow).start()
+    h.wait_until(lambda: xattr(m.path(name), "state") == "complete", 60,
+                 f"{name} complete")
+    return t, img, ng, m
+
+
+def all_threads_stopped(pid):
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
+def while_stopped(m, fn, wait):
+    """Runs fn() in a thread with the daemon stopped (SIGSTOP) for up to
+    `wait` seconds, then continues the daemon and lets fn finish.
+    Returns (whether fn finished while the daemon was stopped, its result).
+    Close no descriptor of the mount in fn: close(2) waits for the daemon."""
+    done = threading.Event()
+    out = {}
+
+    def run():
+        out["result"] = fn()
+        done.set()
+
+    th = threading.Thread(target=run, daemon=True)
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        # kill(2) returns before every thread has stopped.
+        h.wait_until(lambda: all_threads_stopped(m.pid), 10, "daemon stopped")
+        th.start()
+        early = done.wait(wait)
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    th.join(30)
+    if th.is_alive():
+        fail("a read did not finish even after the daemon was continued")
+    return early, out.get("result")
+
+
+def read_fd(fd, size):
+    data = bytearray()
+    while len(data) < size:
+        b = os.pread(fd, min(4 * MiB, size - len(data)), len(data))
+        if not b:
+            break
+        data += b
+    return bytes(data)
+
+
+def test_complete_disk_is_read_without_the_daemon():
+    """A read-only open of a complete disk reads every byte right while
+    the daemon cannot run: the kernel serves it from the local image."""
+    expected = passthrough_expected()
+    size = 24 * MiB + 4321
+    t, img, ng, m = complete_disk("pt", size)
+    fd = os.open(m.path("pt"), os.O_RDONLY)
+    try:
+        if not expected:
+            if h.sha256_file(m.path("pt")) != t.sha256:
+                fail("complete disk differs from the template")
+            return
+        if "passthrough unavailable" in m.stderr():
+            fail("passthrough refused on a machine that supports it:\n" + m.stderr())
+        early, data = while_stopped(m, lambda: read_fd(fd, size), 20)
+        if not early:
+            fail("reading a complete disk waited on the stopped daemon: no passthrough")
+        if data != t.read():
+            fail("passthrough read differs from the template")
+    finally:
+        os.close(fd)  # after SIGCONT: close(2) sends FLUSH to the daemon
+    m.stop()
+    ng.stop()
+
+
+def test_open_modes_never_mix():
+    """Descriptors opened before completion stay page-cached and later
+    opens join them; once a passthrough descriptor is open, a writable
+    open joins it; its write is read back through passthrough and, after
+    every passthrough descriptor is closed, through the page cache, which
+    had cached the old bytes of that page."""
+    passthrough_expected()
+    size = 8 * MiB
+    t = ws().template("modes.raw", size)
+    img = ws().mkdir("images", unique=True)
+    with h.Nginx(ws()) as ng:
+        h.ctl_add(img, "modes", ng.url(t.name))
+        m = h.Mount(ws(), img, opts=("stream=manual",)).start()
+        disk = m.path("modes")
+        page = 3 * MiB + 8192
+
+        # Page-cached descriptor, open before the disk is complete.
+        a = os.open(disk, os.O_RDWR)
+        if os.pread(a, 4096, page) != t.read(page, 4096):
+            fail("read before completion differs from the template")
+        if h.control_send(m.mnt, "start modes\n")[1].split()[0] != "ok":
+            fail("start refused")
+        h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "modes complete")
+        b = os.open(disk, os.O_RDONLY)  # must join a's mode: EIO otherwise
+        if os.pread(b, 65536, 0) != t.read(0, 65536):
+            fail("read-only open next to a page-cached one reads wrong bytes")
+        os.close(b)
+        os.close(a)
+
+        # Passthrough descriptor first, then a writable one joins it.
+        c = os.open(disk, os.O_RDONLY)
+        d = os.open(disk, os.O_RDWR)
+        new = b"P" * 4096
+        if os.pwrite(d, new, page) != 4096:
+            fail("short write through a writable open")
+        os.fsync(d)
+        if os.pread(c, 4096, page) != new:
+            fail("the other descriptor does not see the write")
+        os.close(d)
+        os.close(c)
+
+        # Page-cached again: the page cached by `a` must not come back.
+        e = os.open(disk, os.O_RDWR)
+        if os.pread(e, 4096, page) != new:
+            fail("a page-cached open after passthrough reads stale bytes")
+        if os.pread(e, 4096, page + 4096) != t.read(page + 4096, 4096):
+            fail("bytes next to the write changed")
+        os.close(e)
+        m.stop()
+    with open(os.path.join(img, "modes.img"), "rb") as f:
+        f.seek(page)
+        if f.read(4096) != new:
+            fail("the write did not reach the local image")
+
+
+def test_passthrough_write_past_the_end_cannot_grow_the_image():
+    """A writable descriptor that joined a passthrough one can write past
+    the disk's end (the kernel does not ask the daemon); when the last
+    passthrough descriptor closes, the image is cut back to the disk's
+    size with a warning, and the disk still mounts."""
+    expected = passthrough_expected()
+    size = 4 * MiB
+    t, img, ng, m = complete_disk(
+        "grow", size, allow=(r"written past the disk's end were dropped",))
+    disk = m.path("grow")
+    r = os.open(disk, os.O_RDONLY)
+    w = os.open(disk, os.O_RDWR)
+    try:
+        os.pwrite(w, b"tail", size + 100)
+    except OSError as e:
+        if expected:
+            fail(f"write past the end through passthrough failed: {e}")
+    os.close(w)
+    os.close(r)
+    image = os.path.join(img, "grow.img")
+    h.wait_until(lambda: os.stat(image).st_size == size, 10,
+                 "image cut back to the disk's size")
+    if expected and "written past the disk's end were dropped" not in m.stderr():
+        fail("no warning about the dropped bytes:\n" + m.stderr())
+    m.stop()
+    m2 = h.Mount(ws(), img, opts=("stream=manual",)).start()
+    if os.stat(m2.path("grow")).st_size != size or h.sha256_file(m2.path("grow")) != t.sha256:
+        fail("disk changed after the write past its end")
+    m2.stop()
+    ng.stop()
+
+
+def test_nopassthrough_keeps_reads_in_the_daemon():
+    """With -o nopassthrough a complete disk's read waits for the daemon
+    (stopped here) and finishes right once it runs again."""
+    passthrough_expected()
+    size = 4 * MiB
+    t, img, ng, m = complete_disk("nopt", size, opts=("stream=auto", "nopassthrough"))
+    fd = os.open(m.path("nopt"), os.O_RDONLY)
+    early, data = while_stopped(m, lambda: os.pread(fd, 65536, 2 * MiB), 1.0)
+    os.close(fd)
+    if early:
+        fail("with nopassthrough a read finished while the daemon was stopped")
+    if data != t.read(2 * MiB, 65536):
+        fail("read through the daemon differs from the template")
+    m.stop()
+    ng.stop()
+
+
+if __name__ == "__main__":
+    h.main(globals())
