@@ -172,10 +172,12 @@ static int32_t backing_get_locked(struct mount_disk *md)
 	int id = ioctl(pt.devfd, PT_IOC_BACKING_OPEN, &map);
 	if (id <= 0) {
 		int e = id < 0 ? errno : EINVAL;
+		const char *why = e == EPERM ? "needs CAP_SYS_ADMIN and a kernel with it"
+				: e == ENOTTY || e == EOPNOTSUPP ? "the kernel has no FUSE passthrough"
+				: strerror(e);
 		if (!atomic_exchange(&pt.broken, true))
 			log_info("passthrough unavailable (%s): complete disks are served "
-				 "through the daemon", e == EPERM ? "needs CAP_SYS_ADMIN and "
-				 "kernel support" : strerror(e));
+				 "through the daemon", why);
 		return 0;
 	}
 	md->backing_id = id;
