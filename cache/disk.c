@@ -664,20 +664,45 @@ static void storeq_destroy(struct cache_disk *d)
 }
 
 /* A demand reader's bytes [off, off+len), to be copied out of the fetch
- * buffer into a malloc'd *out. */
+ * buffer into a malloc'd *out, or handed to answer() as soon as they are
+ * in. */
 struct deliver {
 	uint64_t off;
 	size_t len;
 	void **out;
+	cache_answer_fn *answer;  /* may be NULL */
+	void *answer_opaque;
+	/* Set by fill_run for the fetch's progress callback: */
+	struct cache_disk *d;
+	const char *buf;          /* the fetch buffer, holding from run_off */
+	uint64_t run_off;
+	bool answered;            /* answer() took the bytes */
 };
+
+/* The fetch's progress: answers the reader once its bytes are in. */
+static void deliver_progress(void *opaque, size_t got)
+{
+	struct deliver *dl = opaque;
+	uint64_t skip = dl->off - dl->run_off;
+
+	if (dl->answered || got < skip + dl->len)
+		return;
+	/* Whoever looks at the error after the read must not see an outage
+	 * that this fetch has ended. */
+	pthread_mutex_lock(&dl->d->lock);
+	clear_transient_error_locked(dl->d);
+	pthread_mutex_unlock(&dl->d->lock);
+	dl->answered = dl->answer(dl->answer_opaque, dl->buf + skip, dl->len);
+}
 
 /*
  * Fetches chunks [a, b], all claimed by the caller, and finishes the
- * claims.  With dl, the reader's bytes are copied out once fetched and
- * checked, and the store may be left to the store worker.
+ * claims.  With dl, the reader's bytes are handed to dl->answer as soon as
+ * they are in (no manifest: its check needs the whole run), or else copied
+ * out once fetched and checked; the store may be left to the store worker.
  */
 static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
-		    const struct cache_fetch_hint *hint, const struct deliver *dl)
+		    const struct cache_fetch_hint *hint, struct deliver *dl)
 {
 	uint64_t off = a << d->chunk_shift;
 	uint64_t len = disk_run_len(d, a, b);
@@ -702,6 +727,13 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	} else if (!(buf = buf_get(len))) {
 		r = -ENOMEM;
 	} else {
+		if (dl && dl->answer && d->manifest_fd < 0) {
+			dl->d = d;
+			dl->buf = buf;
+			dl->run_off = off;
+			h.progress = deliver_progress;
+			h.progress_opaque = dl;
+		}
 		if (!background)
 			atomic_fetch_add(&d->waiting, 1);
 		/* A chunk that does not match the manifest is fetched once
@@ -717,7 +749,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (!background)
 			atomic_fetch_sub(&d->waiting, 1);
-		if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
+		if (r >= 0 && dl && dl->answered) {
+			if (storeq_push(d, claims, a, b, buf))
+				return 0; /* the job owns buf and the claims now */
+		} else if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
 			/* The reader is answered now, before the store: whoever
 			 * looks at the error after the read must not see an
@@ -746,7 +781,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
  * and returns 1 without waiting for the store.
  */
 static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
-			 const struct cache_fetch_hint *hint, const struct deliver *dl)
+			 const struct cache_fetch_hint *hint, struct deliver *dl)
 {
 	uint64_t max_claim = MAX(1u, RUN_MAX_BYTES >> d->chunk_shift);
 	struct inflight *claims[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
@@ -801,7 +836,7 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			/* Once copied out, the bytes are the reader's even if
 			 * storing them failed (that is recorded as usual). */
 			r = fill_run(d, claims, a, last, hint, dl);
-			if (*dl->out)
+			if (dl->answered || *dl->out)
 				return 1;
 		} else if (n) {
 			r = fill_run(d, claims, a, a + n - 1, hint, NULL);
@@ -825,11 +860,13 @@ int disk_ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 	return ensure_chunks(d, first, last, hint, NULL);
 }
 
-int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data)
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data,
+			    cache_answer_fn *answer, void *answer_opaque)
 {
 	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
 	uint64_t size = d->meta.size;
-	struct deliver dl = {.off = off, .len = len, .out = ret_data};
+	struct deliver dl = {.off = off, .len = len, .out = ret_data, .answer = answer,
+			     .answer_opaque = answer_opaque};
 
 	if (ret_data)
 		*ret_data = NULL;
@@ -840,7 +877,7 @@ int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void
 	readahead_note(d, off, len);
 	int r = ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift, &hint,
 			      ret_data ? &dl : NULL);
-	return r < 0 ? r : 0;
+	return dl.answered ? 1 : r < 0 ? r : 0;
 }
 
 bool cache_disk_dirty(struct cache_disk *d)

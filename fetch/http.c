@@ -35,6 +35,10 @@ struct xfer {
 	curl_off_t last_now;
 	struct http_reply *reply;
 	const struct fetch_req *rq; /* may be NULL */
+	/* For rq->progress: what the reply must say, and whether it did. */
+	uint64_t off, size;
+	const char *etag, *last_modified;
+	int headers;                /* 0 = not checked yet, 1 = right, -1 = wrong */
 };
 
 /*
@@ -114,6 +118,39 @@ static size_t header_cb(char *data, size_t size, size_t n, void *opaque)
 	return len;
 }
 
+/*
+ * Checks what a 206 reply's headers say against the request: exactly the
+ * range asked for, of a template of the expected size and validator.
+ * Returns 0, or -EPROTO / -ESTALE with why filled.
+ */
+static int check_headers(const struct http_reply *r, uint64_t off, size_t len, uint64_t size,
+			 const char *etag, const char *last_modified, char *why, size_t why_size)
+{
+	if (!r->have_cr || r->cr_start != off || r->cr_end != off + len - 1) {
+		snprintf(why, why_size,
+			 "wrong Content-Range in reply to range %" PRIu64 "-%" PRIu64, off,
+			 off + len - 1);
+		return -EPROTO;
+	}
+	if (r->cr_total != size) {
+		snprintf(why, why_size, "template size changed from %" PRIu64 " to %" PRIu64, size,
+			 r->cr_total);
+		return -ESTALE;
+	}
+	if (etag && *etag && r->etag[0] && strcmp(etag, r->etag)) {
+		snprintf(why, why_size, "template changed (ETag %.200s, expected %.200s)", r->etag,
+			 etag);
+		return -ESTALE;
+	}
+	if ((!etag || !*etag) && last_modified && *last_modified && r->last_modified[0] &&
+	    strcmp(last_modified, r->last_modified)) {
+		snprintf(why, why_size, "template changed (Last-Modified %s, expected %s)",
+			 r->last_modified, last_modified);
+		return -ESTALE;
+	}
+	return 0;
+}
+
 static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 {
 	struct xfer *x = opaque;
@@ -135,6 +172,16 @@ static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 		x->rq->hold(x->rq->hold_opaque);
 	memcpy(x->buf + x->got, data, len);
 	x->got += len;
+	if (x->rq && x->rq->progress) {
+		/* The headers are all in once the body starts. */
+		if (!x->headers) {
+			char why[256];
+			x->headers = check_headers(x->reply, x->off, x->len, x->size, x->etag,
+						   x->last_modified, why, sizeof(why)) ? -1 : 1;
+		}
+		if (x->headers > 0)
+			x->rq->progress(x->rq->progress_opaque, x->got);
+	}
 	return len;
 }
 
@@ -229,7 +276,8 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	const char *extra[1];
 	size_t nextra = 0;
 	struct xfer x = {.h = h, .buf = buf, .len = len, .reply = ret, .pool = p,
-			 .last_ns = now_ns(), .rq = rq};
+			 .last_ns = now_ns(), .rq = rq, .off = off, .size = size, .etag = etag,
+			 .last_modified = last_modified};
 	int r;
 
 	memset(ret, 0, sizeof(*ret));
@@ -289,28 +337,9 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	}
 	if (rc != CURLE_OK)
 		return http_curl_error(rc, errbuf, ret->why, sizeof(ret->why));
-	if (!ret->have_cr || ret->cr_start != off || ret->cr_end != off + len - 1) {
-		snprintf(ret->why, sizeof(ret->why),
-			 "wrong Content-Range in reply to range %" PRIu64 "-%" PRIu64, off,
-			 off + len - 1);
-		return -EPROTO;
-	}
-	if (ret->cr_total != size) {
-		snprintf(ret->why, sizeof(ret->why),
-			 "template size changed from %" PRIu64 " to %" PRIu64, size, ret->cr_total);
-		return -ESTALE;
-	}
-	if (etag && *etag && ret->etag[0] && strcmp(etag, ret->etag)) {
-		snprintf(ret->why, sizeof(ret->why), "template changed (ETag %.200s, expected %.200s)",
-			 ret->etag, etag);
-		return -ESTALE;
-	}
-	if ((!etag || !*etag) && last_modified && *last_modified && ret->last_modified[0] &&
-	    strcmp(last_modified, ret->last_modified)) {
-		snprintf(ret->why, sizeof(ret->why), "template changed (Last-Modified %s, expected %s)",
-			 ret->last_modified, last_modified);
-		return -ESTALE;
-	}
+	r = check_headers(ret, off, len, size, etag, last_modified, ret->why, sizeof(ret->why));
+	if (r < 0)
+		return r;
 	if (x.got != len) {
 		snprintf(ret->why, sizeof(ret->why), "short body: %zu of %zu bytes", x.got, len);
 		return -EPROTO;

@@ -123,12 +123,18 @@ void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 /* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
 char *fs_status_line(struct mount_disk *md);
 
-/* passthrough.c; a disk's fi->fh is its mount_disk | these bits. */
+/* devio.c; a disk's fi->fh is its mount_disk | these bits. */
 #define FS_FH_PASSTHROUGH ((uint64_t)2)
 #define FS_FH_WRITABLE ((uint64_t)4)
 #define FS_FH_FLAGS ((uint64_t)7)
-/* Hooks the mounted session's replies to offer passthrough to the kernel. */
-int fs_passthrough_install(struct fuse_session *se) __attribute__((warn_unused_result));
+/* Hooks the mounted session's device I/O (passthrough, early answers). */
+int fs_devio_install(struct fuse_session *se) __attribute__((warn_unused_result));
+/* Passthrough is used only once enabled (not with -o nopassthrough). */
+void fs_passthrough_enable(bool on);
+/* True once the hook is in, so that fs_answer_now() may be used. */
+bool fs_answer_ready(void);
+/* A cache_answer_fn: replies to the READ this thread serves with data. */
+bool fs_answer_now(void *opaque, const void *data, size_t len);
 /* Chooses passthrough or the page cache for this open of md; sets fi. */
 void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi);
 /* The release of a descriptor opened with fs_passthrough_open(). */

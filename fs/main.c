@@ -305,10 +305,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "streamfs: cannot mount on %s\n", m.opts.mountpoint);
 		goto out_disks;
 	}
-	if (!m.opts.nopassthrough && fs_passthrough_install(fuse_get_session(fuse)) < 0) {
-		fprintf(stderr, "streamfs: cannot hook FUSE I/O for passthrough\n");
-		goto out_unmount;
-	}
+	if (fs_devio_install(fuse_get_session(fuse)) < 0)
+		fprintf(stderr, "streamfs: warning: cannot hook FUSE device I/O: no passthrough, "
+			"cold reads wait for whole chunks\n");
+	fs_passthrough_enable(!m.opts.nopassthrough);
 	if (fuse_daemonize(m.opts.foreground) != 0)
 		goto out_unmount;
 	if (!m.opts.foreground)

@@ -37,6 +37,8 @@ static int src_fetch(void *opaque, void *buf, size_t len, uint64_t off,
 		.hold_opaque = hint->hold_opaque,
 		.on_wire = hint->on_wire,
 		.on_wire_opaque = hint->on_wire_opaque,
+		.progress = hint->progress,
+		.progress_opaque = hint->progress_opaque,
 	};
 
 	return fetch_template_read(md->tpl, buf, len, off, &rq);

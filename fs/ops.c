@@ -154,7 +154,10 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 		size = (size_t)(disk_size - (uint64_t)off);
 	void *data = NULL;
 	if (size) {
-		r = cache_disk_prepare_read(md->disk, (uint64_t)off, size, &data);
+		r = cache_disk_prepare_read(md->disk, (uint64_t)off, size, &data,
+					    fs_answer_ready() ? fs_answer_now : NULL, NULL);
+		if (r == 1)
+			size = 0; /* answered already; this reply is dropped */
 		if (r < 0) {
 			log_debug(LOG_SUB_FS, "read %s at %lld: %s", md->name, (long long)off,
 				  strerror(-r));
@@ -169,7 +172,7 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 		return -ENOMEM;
 	}
 	*bv = FUSE_BUFVEC_INIT(size);
-	if (data) {
+	if (data || !size) {
 		/* Just fetched: answered from memory, libfuse frees it. */
 		bv->buf[0].mem = data;
 	} else {

@@ -47,6 +47,12 @@ struct cache_fetch_hint {
 	 * connection that a held-back transfer would free. */
 	void (*on_wire)(void *opaque, int delta);
 	void *on_wire_opaque;
+	/* Set by the cache for a demand fill that may answer its reader
+	 * early, NULL otherwise: called as the body arrives with how many
+	 * bytes at the start of the buffer are in and checked (struct
+	 * fetch_req's progress). */
+	void (*progress)(void *opaque, size_t got);
+	void *progress_opaque;
 };
 
 /*
@@ -163,6 +169,14 @@ void cache_disk_set_readahead(struct cache_disk *d, uint64_t bytes);
 int cache_disk_fd(const struct cache_disk *d);
 
 /*
+ * Answers a reader early: called from inside the fetch with the reader's
+ * bytes as soon as they are in and checked, before the rest of the run
+ * has arrived.  Returns true when the reader has its answer; the fill then
+ * goes on (and may still fail, which is recorded as usual).
+ */
+typedef bool cache_answer_fn(void *opaque, const void *data, size_t len);
+
+/*
  * Makes [off, off+len) readable, fetching absent chunks with priority
  * DEMAND (runs of consecutive absent chunks in one request; chunks
  * already in flight are waited for, never fetched twice).  Returns 0 or
@@ -171,9 +185,13 @@ int cache_disk_fd(const struct cache_disk *d);
  * *ret_data is a malloc'd copy of the len bytes, taken from the fetch
  * buffer before the chunks are stored (they are stored in the
  * background); otherwise *ret_data is NULL and, after 0, the bytes may be
- * read from cache_disk_fd().
+ * read from cache_disk_fd().  With answer too (and no manifest, whose
+ * check needs whole chunks), such a read is offered to answer() as soon
+ * as its bytes are in; when answer() took them, returns 1 at once after
+ * the fill, whatever its result.
  */
-int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data)
+int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data,
+			    cache_answer_fn *answer, void *answer_opaque)
 	__attribute__((warn_unused_result));
 
 /*

@@ -115,6 +115,13 @@ struct fetch_req {
 	 * attempt), so that others can tell it is on the wire. */
 	void (*on_wire)(void *opaque, int delta);
 	void *on_wire_opaque;
+	/* May be NULL.  Called as the body arrives with how many bytes at
+	 * the start of buf are in, once the reply's status, Content-Range,
+	 * size and validator were found right; those bytes are the
+	 * template's even if the transfer fails later.  A retry starts again
+	 * from 0. */
+	void (*progress)(void *opaque, size_t got);
+	void *progress_opaque;
 };
 
 /*

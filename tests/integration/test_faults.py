@@ -493,6 +493,33 @@ def test_stall_aborted_and_retried():
     srv.stop()  # wakes the stalled handler
 
 
+def test_read_answered_before_its_chunk_is_whole():
+    # The response stalls after the first 512 KiB of the chunk.  A read
+    # inside them is answered at once, from the bytes already in (after the
+    # status, Content-Range and ETag checks); the chunk is not present
+    # until a retry has brought it whole; a read past the stall point waits
+    # for that retry; only the whole chunk is stored.
+    t, srv, img = setup("early")
+    chunk_off = 2 * MiB
+    srv.set_rules([rule("stall", t, count=1, after_bytes=512 * KiB, seconds=4)])
+    with h.Mount(ws(), img) as m:
+        elapsed = read_ok(m, "early", t, chunk_off + 64 * KiB, 64 * KiB,
+                          "read inside the bytes sent before the stall")
+        if elapsed > 2:
+            fail(f"a read of bytes already received took {elapsed:.1f} s: it waited for "
+                 "the stalled rest of its chunk")
+        if xattr(m.path("early"), "cached") != "0":
+            fail("the chunk counts as present while its response is stalled")
+        late = read_ok(m, "early", t, chunk_off + 900 * KiB, 4 * KiB,
+                       "read past the stall point")
+        recs = srv.records(f"/{t.name}")
+        check_fault_then_success(recs, "stall", 1, chunk_off, CHUNK, "stall")
+        h.log(f"early answer after {elapsed * 1e3:.0f} ms; the read past the stall "
+              f"took {late:.1f} s")
+    check_image_region(img, "early", t, chunk_off, CHUNK, "early answer")
+    srv.stop()
+
+
 def test_status_5xx_429_retried():
     t, srv, img = setup("status")
     with h.Mount(ws(), img) as m:

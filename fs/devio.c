@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: MIT
 /*
- * FUSE passthrough for complete disks.  On a kernel with passthrough
- * (Linux >= 6.9, CONFIG_FUSE_PASSTHROUGH) and with CAP_SYS_ADMIN, a file
- * opened with FOPEN_PASSTHROUGH is served by the kernel straight from a
- * backing file, here the disk's local image: reads and writes never come
- * to this daemon and use the image's own page cache.
+ * Our own hook on the FUSE device's I/O, for two things libfuse 3.14
+ * cannot do through its high-level API: FUSE passthrough of complete
+ * disks, and answering a cold read as soon as its bytes have arrived.
+ * libfuse's custom I/O hook sees every request read from /dev/fuse and
+ * every reply before it is written; each request is read and then served
+ * by the same worker thread, which replies last.
  *
- * libfuse 3.14 predates the feature, so it is switched on through
- * libfuse's custom I/O hook, which sees every reply before it is written
- * to /dev/fuse.  The first reply, INIT's, gains FUSE_PASSTHROUGH; the reply
- * to an open that fs_passthrough_open() chose for passthrough, sent by the
- * same worker thread right after the open handler returns, gains
+ * Passthrough.  On a kernel with it (Linux >= 6.9, CONFIG_FUSE_PASSTHROUGH)
+ * and with CAP_SYS_ADMIN, a file opened with FOPEN_PASSTHROUGH is served
+ * by the kernel straight from a backing file, here the disk's local image:
+ * reads and writes never come to this daemon and use the image's own page
+ * cache.  The first reply, INIT's, gains FUSE_PASSTHROUGH; the reply to an
+ * open that fs_passthrough_open() chose for passthrough gains
  * FOPEN_PASSTHROUGH and the disk's backing id.
  *
  * The kernel fails with EIO an open whose mode differs from the files
@@ -21,6 +23,10 @@
  * descriptor is open gets passthrough too.  RELEASE reaches the daemon
  * after the kernel has dropped the file, so these counts are never below
  * the kernel's and the rule holds.
+ *
+ * Early answers.  fs_answer_now() writes the reply to the READ this
+ * thread is serving while the rest of its chunk is still on the wire;
+ * the reply libfuse sends when the handler returns is then dropped here.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -61,6 +67,7 @@ _Static_assert(sizeof(struct fuse_open_out) == 16, "fuse_open_out layout");
 
 static struct {
 	int devfd;              /* the session's /dev/fuse, -1 when not installed */
+	bool enabled;           /* passthrough wanted (not -o nopassthrough) */
 	atomic_bool init_seen;  /* the first reply (INIT's) went out */
 	atomic_bool offered;    /* the kernel was told we use passthrough */
 	atomic_bool broken;     /* a backing open failed: never try again */
@@ -71,6 +78,14 @@ static _Thread_local struct {
 	uint64_t fh;  /* 0 = none */
 	int32_t backing_id;
 } pending;
+
+/* The request this thread read last, and so is serving. */
+static _Thread_local struct {
+	int fd;
+	uint32_t opcode;
+	uint64_t unique;
+	bool answered;  /* fs_answer_now() replied: drop libfuse's reply */
+} cur;
 
 static void patch_init(struct iovec *iov, int count, struct fuse_init_out *copy)
 {
@@ -119,6 +134,11 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 	struct iovec v[2];
 
 	(void)userdata;
+	if (cur.answered && count >= 1 && iov[0].iov_len == sizeof(struct fuse_out_header) &&
+	    ((const struct fuse_out_header *)iov[0].iov_base)->unique == cur.unique) {
+		cur.answered = false;
+		return (ssize_t)iov[0].iov_len; /* the reader has its answer */
+	}
 	/* Never change libfuse's own array: patch a copy. */
 	if (count == 2) {
 		memcpy(v, iov, sizeof(v));
@@ -134,8 +154,19 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 
 static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 {
+	ssize_t n = read(fd, buf, len);
+
 	(void)userdata;
-	return read(fd, buf, len);
+	cur.answered = false;
+	cur.unique = 0;
+	cur.opcode = 0;
+	if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
+		const struct fuse_in_header *in = buf;
+		cur.fd = fd;
+		cur.unique = in->unique;
+		cur.opcode = in->opcode;
+	}
+	return n;
 }
 
 static ssize_t pt_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
@@ -145,13 +176,35 @@ static ssize_t pt_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_
 	return splice(fdin, offin, fdout, offout, len, flags);
 }
 
-int fs_passthrough_install(struct fuse_session *se)
+bool fs_answer_now(void *opaque, const void *data, size_t len)
 {
-	/* The hook replaces libfuse's own I/O; splice is kept both ways. */
+	struct fuse_out_header oh = {.len = (uint32_t)(sizeof(oh) + len), .unique = cur.unique};
+	struct iovec iov[2] = {{&oh, sizeof(oh)}, {(void *)data, len}};
+
+	(void)opaque;
+	if (cur.opcode != FUSE_READ || !cur.unique || cur.answered)
+		return false;
+	ssize_t n = writev(cur.fd, iov, 2);
+	/* ENOENT: the read was interrupted, and its caller has gone. */
+	if (n < 0 && errno != ENOENT)
+		return false;
+	cur.answered = true;
+	return true;
+}
+
+bool fs_answer_ready(void)
+{
+	return pt.devfd >= 0;
+}
+
+int fs_devio_install(struct fuse_session *se)
+{
+	/* Requests are read with read(2), not spliced, so that the hook sees
+	 * each one's header (requests are small: the high-level API copies
+	 * written data anyway).  Replies are still spliced. */
 	static const struct fuse_custom_io io = {
 		.writev = pt_writev,
 		.read = pt_read,
-		.splice_receive = pt_splice,
 		.splice_send = pt_splice,
 	};
 	int fd = fuse_session_fd(se);
@@ -161,6 +214,11 @@ int fs_passthrough_install(struct fuse_session *se)
 		return r;
 	pt.devfd = fd;
 	return 0;
+}
+
+void fs_passthrough_enable(bool on)
+{
+	pt.enabled = on;
 }
 
 /* Locked by md->pt_lock.  Returns the disk's backing id, or 0. */
@@ -193,7 +251,7 @@ void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi)
 
 	if (md->pt_opens)
 		id = md->backing_id; /* the kernel wants every open like the others */
-	else if (rdonly && !md->cached_opens && atomic_load(&pt.offered) &&
+	else if (rdonly && !md->cached_opens && atomic_load(&pt.offered) && pt.enabled &&
 		 !atomic_load(&pt.broken) && cache_disk_complete(md->disk))
 		id = backing_get_locked(md);
 	if (id > 0) {
