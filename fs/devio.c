@@ -20,9 +20,12 @@
  * mode of each open is chosen here from the disk's open counts: only
  * read-only opens of a complete disk start passthrough, only while no
  * page-cached descriptor is open, and every open made while a passthrough
- * descriptor is open gets passthrough too.  RELEASE reaches the daemon
- * after the kernel has dropped the file, so these counts are never below
- * the kernel's and the rule holds.
+ * descriptor is open gets passthrough too.  A writable one also gets
+ * FOPEN_DIRECT_IO, which overrides passthrough for read and write: its
+ * writes still come through the daemon, which keeps them inside the disk
+ * (the kernel would let them grow the image) and counts them for fsync.
+ * RELEASE reaches the daemon after the kernel has dropped the file, so
+ * these counts are never below the kernel's and the rule holds.
  *
  * Early answers.  fs_answer_now() writes the reply to the READ this
  * thread is serving while the rest of its chunk is still on the wire;
@@ -35,7 +38,6 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -77,6 +79,7 @@ static struct {
 static _Thread_local struct {
 	uint64_t fh;  /* 0 = none */
 	int32_t backing_id;
+	struct mount_disk *md;
 } pending;
 
 /* The request this thread read last, and so is serving. */
@@ -97,8 +100,8 @@ static void patch_init(struct iovec *iov, int count, struct fuse_init_out *copy)
 	memcpy(copy, iov[1].iov_base, sizeof(*copy));
 	/* Passthrough needs the extended flags, and the kernel refuses it
 	 * alongside the writeback cache (which streamfs does not use). */
-	if (copy->major != FUSE_KERNEL_VERSION || !(copy->flags & FUSE_INIT_EXT) ||
-	    (copy->flags & FUSE_WRITEBACK_CACHE))
+	if (!pt.enabled || copy->major != FUSE_KERNEL_VERSION ||
+	    !(copy->flags & FUSE_INIT_EXT) || (copy->flags & FUSE_WRITEBACK_CACHE))
 		return;
 	copy->flags2 |= PT_INIT_FLAG2;
 	copy->unused[0] = 1; /* max_stack_depth: images sit on a plain filesystem */
@@ -106,20 +109,32 @@ static void patch_init(struct iovec *iov, int count, struct fuse_init_out *copy)
 	atomic_store(&pt.offered, true);
 }
 
-static void patch_open(struct iovec *iov, int count, struct fuse_open_out *copy)
+/* An open reply this hook cannot patch must not open the file page-cached
+ * while the counts say passthrough: fail that open with EIO instead. */
+static void fail_open(struct iovec *iov, int *count, struct fuse_out_header *oh)
 {
-	const struct fuse_out_header *oh = iov[0].iov_base;
+	log_err("disk %s: passthrough open reply not recognised; open failed",
+		pending.md->name);
+	memcpy(oh, iov[0].iov_base, sizeof(*oh));
+	oh->len = sizeof(*oh);
+	oh->error = -EIO;
+	iov[0].iov_base = oh;
+	*count = 1;
+	fs_passthrough_release(pending.md, pending.fh); /* no RELEASE will come */
+}
 
-	if (count != 2 || iov[0].iov_len != sizeof(*oh) || oh->error ||
-	    iov[1].iov_len != sizeof(*copy)) {
-		log_err("passthrough: open reply not recognised; the disk may fail to open");
+static void patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy,
+		       struct fuse_out_header *oh)
+{
+	const struct fuse_out_header *h = iov[0].iov_base;
+
+	if (*count != 2 || iov[0].iov_len != sizeof(*h) || h->error ||
+	    iov[1].iov_len != sizeof(*copy) ||
+	    ((const struct fuse_open_out *)iov[1].iov_base)->fh != pending.fh) {
+		fail_open(iov, count, oh);
 		return;
 	}
 	memcpy(copy, iov[1].iov_base, sizeof(*copy));
-	if (copy->fh != pending.fh) {
-		log_err("passthrough: open reply not recognised; the disk may fail to open");
-		return;
-	}
 	/* The kernel takes no other flags with passthrough (keep_cache is
 	 * meaningless there). */
 	copy->open_flags = (copy->open_flags & PT_FOPEN_ALLOWED) | PT_FOPEN;
@@ -131,6 +146,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
 	struct fuse_init_out init;
 	struct fuse_open_out open;
+	struct fuse_out_header oh;
 	struct iovec v[2];
 
 	(void)userdata;
@@ -145,7 +161,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 		if (!atomic_exchange(&pt.init_seen, true))
 			patch_init(v, count, &init);
 		else if (pending.fh)
-			patch_open(v, count, &open);
+			patch_open(v, &count, &open, &oh);
 		iov = v;
 	}
 	pending.fh = 0;
@@ -230,9 +246,14 @@ static int32_t backing_get_locked(struct mount_disk *md)
 	int id = ioctl(pt.devfd, PT_IOC_BACKING_OPEN, &map);
 	if (id <= 0) {
 		int e = id < 0 ? errno : EINVAL;
-		const char *why = e == EPERM ? "needs CAP_SYS_ADMIN and a kernel with it"
-				: e == ENOTTY || e == EOPNOTSUPP ? "the kernel has no FUSE passthrough"
-				: strerror(e);
+		/* Only what will not change gives up for good. */
+		if (e != EPERM && e != ENOTTY && e != EOPNOTSUPP) {
+			log_debug(LOG_SUB_FS, "disk %s: no passthrough for this open: %s",
+				  md->name, strerror(e));
+			return 0;
+		}
+		const char *why = e == EPERM ? "the kernel declined it, or no CAP_SYS_ADMIN"
+					     : "the kernel has no FUSE passthrough";
 		if (!atomic_exchange(&pt.broken, true))
 			log_info("passthrough unavailable (%s): complete disks are served "
 				 "through the daemon", why);
@@ -258,8 +279,13 @@ void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi)
 		md->pt_opens++;
 		md->pt_used = true;
 		fi->fh |= FS_FH_PASSTHROUGH | (rdonly ? 0 : FS_FH_WRITABLE);
+		/* Reads and writes of a writable one go through the daemon (only
+		 * its mmap goes to the image): see the top of this file. */
+		if (!rdonly)
+			fi->direct_io = 1;
 		pending.fh = fi->fh;
 		pending.backing_id = id;
+		pending.md = md;
 		return;
 	}
 	md->cached_opens++;
@@ -275,25 +301,8 @@ void fs_passthrough_release(struct mount_disk *md, uint64_t fh)
 {
 	LOCK_GUARD(&md->pt_lock);
 
-	if (!(fh & FS_FH_PASSTHROUGH)) {
+	if (fh & FS_FH_PASSTHROUGH)
+		md->pt_opens--;
+	else
 		md->cached_opens--;
-		return;
-	}
-	if (fh & FS_FH_WRITABLE)
-		md->pt_wrote = true;
-	if (--md->pt_opens || !md->pt_wrote)
-		return;
-	md->pt_wrote = false;
-	/* A passthrough write past the disk's end grows the image, which the
-	 * disk's size (its template's) forbids: cut the image back. */
-	struct stat st;
-	uint64_t size = cache_disk_size(md->disk);
-	int fd = cache_disk_fd(md->disk);
-	if (fstat(fd, &st) == 0 && (uint64_t)st.st_size > size) {
-		log_warn("disk %s: %llu bytes written past the disk's end were dropped", md->name,
-			 (unsigned long long)((uint64_t)st.st_size - size));
-		if (ftruncate(fd, (off_t)size) < 0)
-			log_err("disk %s: cannot cut the image back to %llu bytes: %s", md->name,
-				(unsigned long long)size, strerror(errno));
-	}
 }

@@ -49,12 +49,11 @@ struct mount_disk {
 	struct cache_disk *disk;
 	struct fetch_template *tpl;
 
-	pthread_mutex_t pt_lock;  /* protects the five below; leaf */
+	pthread_mutex_t pt_lock;  /* protects the four below; taken before the disk's */
 	unsigned cached_opens;    /* descriptors open through the page cache */
 	unsigned pt_opens;        /* descriptors open in passthrough */
 	int32_t backing_id;       /* the image's kernel backing id, 0 = none */
 	bool pt_used;             /* passthrough since the last cached open */
-	bool pt_wrote;            /* a writable passthrough descriptor was open */
 };
 
 struct mount_ctx {

@@ -3,9 +3,10 @@
 is served by the kernel from the local image, so it reads every byte
 correctly while the daemon is stopped (SIGSTOP); the kernel's rule that
 the opens of one file are all passthrough or all page-cached is never
-broken (which would fail open(2) with EIO); a passthrough write is seen by
-later page-cached opens; a write past the disk's end through passthrough
-cannot grow the image; -o nopassthrough keeps every read in the daemon.
+broken (which would fail open(2) with EIO); a write next to a passthrough
+descriptor is seen by it and by later page-cached opens; a writable open
+that joins passthrough cannot write past the disk's end; -o nopassthrough
+keeps every read in the daemon.
 
 Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN.  Without them the tests
 say so and check only that opens and reads still work (CI=true: fail).
@@ -13,6 +14,7 @@ say so and check only that opens and reads still work (CI=true: fail).
 Run: python3 tests/integration/test_passthrough.py [test_name...]
 """
 
+import errno
 import os
 import platform
 import signal
@@ -182,34 +184,41 @@ def test_open_modes_never_mix():
             fail("the write did not reach the local image")
 
 
-def test_passthrough_write_past_the_end_cannot_grow_the_image():
-    """A writable descriptor that joined a passthrough one can write past
-    the disk's end (the kernel does not ask the daemon); when the last
-    passthrough descriptor closes, the image is cut back to the disk's
-    size with a warning, and the disk still mounts."""
+def test_writable_open_joining_passthrough_stays_inside_the_disk():
+    """A writable descriptor that joins a passthrough one writes through
+    the daemon: a write past the disk's end fails with ENOSPC and cannot
+    grow the image, a write inside it is read back by the passthrough
+    descriptor, and the disk still mounts whole afterwards."""
     expected = passthrough_expected()
     size = 4 * MiB
-    t, img, ng, m = complete_disk(
-        "grow", size, allow=(r"written past the disk's end were dropped",))
+    t, img, ng, m = complete_disk("grow", size)
     disk = m.path("grow")
+    image = os.path.join(img, "grow.img")
     r = os.open(disk, os.O_RDONLY)
     w = os.open(disk, os.O_RDWR)
     try:
-        os.pwrite(w, b"tail", size + 100)
-    except OSError as e:
-        if expected:
-            fail(f"write past the end through passthrough failed: {e}")
-    os.close(w)
-    os.close(r)
-    image = os.path.join(img, "grow.img")
-    h.wait_until(lambda: os.stat(image).st_size == size, 10,
-                 "image cut back to the disk's size")
-    if expected and "written past the disk's end were dropped" not in m.stderr():
-        fail("no warning about the dropped bytes:\n" + m.stderr())
+        try:
+            os.pwrite(w, b"tail", size + 100)
+            fail("a write past the disk's end succeeded")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                fail(f"a write past the disk's end failed with {e!r}, expected ENOSPC")
+        if os.stat(image).st_size != size:
+            fail(f"the image grew to {os.stat(image).st_size} bytes")
+        if os.pwrite(w, b"W" * 4096, MiB) != 4096:
+            fail("short write inside the disk")
+        if os.pread(r, 4096, MiB) != b"W" * 4096:
+            fail("the passthrough descriptor does not see the write")
+    finally:
+        os.close(w)
+        os.close(r)
+    if expected and "passthrough unavailable" in m.stderr():
+        fail("passthrough refused on a machine that supports it:\n" + m.stderr())
     m.stop()
+    want = t.read(0, MiB) + b"W" * 4096 + t.read(MiB + 4096)
     m2 = h.Mount(ws(), img, opts=("stream=manual",)).start()
-    if os.stat(m2.path("grow")).st_size != size or h.sha256_file(m2.path("grow")) != t.sha256:
-        fail("disk changed after the write past its end")
+    if os.stat(m2.path("grow")).st_size != size or h.pread_all(m2.path("grow"), 0, size) != want:
+        fail("the disk is not its template plus the one write after remount")
     m2.stop()
     ng.stop()
 
