@@ -351,6 +351,10 @@ xattr = h.xattr
 
 
 def xattrs(path):
+    """The counters once no demand fetch is in progress: a read may return
+    before the fetch that brought its bytes has ended (the rest of its
+    chunk is still arriving), and the fetch is counted when it ends."""
+    h.wait_until(lambda: xattr(path, "waiting") == "0", 10, f"{path}: demand fetches to end")
     return {n: xattr(path, n) for n in ("state", "error", "errors", "fetched", "cached")}
 
 
