@@ -716,11 +716,11 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 
 	if (background) {
 		budget_take(len);
-		h.hold = stream_hold;
-		h.hold_opaque = d;
+		h.hooks.hold = stream_hold;
+		h.hooks.hold_opaque = d;
 	} else {
-		h.on_wire = stream_demand_on_wire;
-		h.on_wire_opaque = d;
+		h.hooks.on_wire = stream_demand_on_wire;
+		h.hooks.on_wire_opaque = d;
 	}
 	if (!d->src.fetch_range) {
 		r = -EIO;
@@ -731,8 +731,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			dl->d = d;
 			dl->buf = buf;
 			dl->run_off = off;
-			h.progress = deliver_progress;
-			h.progress_opaque = dl;
+			h.hooks.progress = deliver_progress;
+			h.hooks.progress_opaque = dl;
 		}
 		if (!background)
 			atomic_fetch_add(&d->waiting, 1);

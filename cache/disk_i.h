@@ -206,10 +206,10 @@ void stream_destroy(struct cache_disk *d);
 void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos);
 /* Measured streaming rate in bytes/s. Lock-free. */
 uint64_t stream_rate(struct cache_disk *d);
-/* cache_fetch_hint.hold of background fills (opaque: the disk): sleeps
+/* xfer_hooks.hold of background fills (opaque: the disk): sleeps
  * while a demand request is on the wire, within the limits of stream.c. */
 void stream_hold(void *opaque);
-/* cache_fetch_hint.on_wire of demand fills (opaque: the disk). */
+/* xfer_hooks.on_wire of demand fills (opaque: the disk). */
 void stream_demand_on_wire(void *opaque, int delta);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);

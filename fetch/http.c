@@ -35,7 +35,7 @@ struct xfer {
 	curl_off_t last_now;
 	struct http_reply *reply;
 	const struct fetch_req *rq; /* may be NULL */
-	/* For rq->progress: what the reply must say, and whether it did. */
+	/* For rq->hooks.progress: what the reply must say, and whether it did. */
 	uint64_t off, size;
 	const char *etag, *last_modified;
 	int headers;                /* 0 = not checked yet, 1 = right, -1 = wrong */
@@ -168,11 +168,11 @@ static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 		x->overflow = true;
 		return 0;
 	}
-	if (x->rq && x->rq->hold)
-		x->rq->hold(x->rq->hold_opaque);
+	if (x->rq && x->rq->hooks.hold)
+		x->rq->hooks.hold(x->rq->hooks.hold_opaque);
 	memcpy(x->buf + x->got, data, len);
 	x->got += len;
-	if (x->rq && x->rq->progress) {
+	if (x->rq && x->rq->hooks.progress) {
 		/* The headers are all in once the body starts. */
 		if (!x->headers) {
 			char why[256];
@@ -180,7 +180,7 @@ static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 						   x->last_modified, why, sizeof(why)) ? -1 : 1;
 		}
 		if (x->headers > 0)
-			x->rq->progress(x->rq->progress_opaque, x->got);
+			x->rq->hooks.progress(x->rq->hooks.progress_opaque, x->got);
 	}
 	return len;
 }

@@ -232,12 +232,12 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 			long timeout_ms = prio == FETCH_PRIO_DEMAND && deadline > now
 						  ? (long)((deadline - now) / 1000000) + 1
 						  : 0;
-			if (rq->on_wire)
-				rq->on_wire(rq->on_wire_opaque, 1);
+			if (rq->hooks.on_wire)
+				rq->hooks.on_wire(rq->hooks.on_wire_opaque, 1);
 			r = http_range_get(t->pool, h, t->url, t->etag, t->last_modified, t->size, buf,
 					   len, off, rq, timeout_ms, &reply);
-			if (rq->on_wire)
-				rq->on_wire(rq->on_wire_opaque, -1);
+			if (rq->hooks.on_wire)
+				rq->hooks.on_wire(rq->hooks.on_wire_opaque, -1);
 			/* A connection that failed mid-transfer is not reused. */
 			pool_release(t->pool, h, r < 0 && r != -ENOENT && r != -EACCES && r != -ESTALE &&
 							r != -EAGAIN);

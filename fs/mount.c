@@ -33,12 +33,7 @@ static int src_fetch(void *opaque, void *buf, size_t len, uint64_t off,
 	const struct fetch_req rq = {
 		.prio = hint->prio == CACHE_PRIO_DEMAND ? FETCH_PRIO_DEMAND : FETCH_PRIO_STREAM,
 		.max_rate = hint->max_rate,
-		.hold = hint->hold,
-		.hold_opaque = hint->hold_opaque,
-		.on_wire = hint->on_wire,
-		.on_wire_opaque = hint->on_wire_opaque,
-		.progress = hint->progress,
-		.progress_opaque = hint->progress_opaque,
+		.hooks = hint->hooks,
 	};
 
 	return fetch_template_read(md->tpl, buf, len, off, &rq);

@@ -21,6 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "xfer.h"
+
 #define CACHE_CHUNK_MIN (64u * 1024)
 #define CACHE_CHUNK_MAX (16u * 1024 * 1024)
 #define CACHE_CHUNK_DEFAULT (1u * 1024 * 1024)
@@ -35,24 +37,7 @@ enum cache_prio {
 struct cache_fetch_hint {
 	enum cache_prio prio;
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
-	/* Set by the cache for background fills, NULL otherwise: the source
-	 * calls it between pieces of the body; it sleeps while a demand
-	 * fetch of the same disk is in progress (see cache/stream.c). */
-	void (*hold)(void *opaque);
-	void *hold_opaque;
-	/* Set by the cache for demand fills, NULL otherwise: the source
-	 * calls it with +1 when the request has a connection and goes out,
-	 * with -1 when it is over.  Background fills hold back only for
-	 * demand requests on the wire, never for one queued for a
-	 * connection that a held-back transfer would free. */
-	void (*on_wire)(void *opaque, int delta);
-	void *on_wire_opaque;
-	/* Set by the cache for a demand fill that may answer its reader
-	 * early, NULL otherwise: called as the body arrives with how many
-	 * bytes at the start of the buffer are in and checked (struct
-	 * fetch_req's progress). */
-	void (*progress)(void *opaque, size_t got);
-	void *progress_opaque;
+	struct xfer_hooks hooks; /* set by the cache, passed on to the transfer */
 };
 
 /*

@@ -21,6 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "xfer.h"
+
 /* Per-mount network settings. Strings are copied by fetch_pool_new(). */
 struct fetch_opts {
 	unsigned connections;   /* parallel connections, >= 1 */
@@ -105,23 +107,7 @@ void fetch_template_free(struct fetch_template *t);
 struct fetch_req {
 	enum fetch_prio prio;
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
-	/* May be NULL.  Called as the body arrives, between pieces; it may
-	 * sleep to hold this transfer back (the socket is not read meanwhile,
-	 * so TCP slows the sender), e.g. while a more urgent read waits. */
-	void (*hold)(void *opaque);
-	void *hold_opaque;
-	/* May be NULL.  Called with +1 once the transfer has a connection
-	 * and is about to start, and with -1 when it has ended (once per
-	 * attempt), so that others can tell it is on the wire. */
-	void (*on_wire)(void *opaque, int delta);
-	void *on_wire_opaque;
-	/* May be NULL.  Called as the body arrives with how many bytes at
-	 * the start of buf are in, once the reply's status, Content-Range,
-	 * size and validator were found right; those bytes are the
-	 * template's even if the transfer fails later.  A retry starts again
-	 * from 0. */
-	void (*progress)(void *opaque, size_t got);
-	void *progress_opaque;
+	struct xfer_hooks hooks;
 };
 
 /*

@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Hooks into one range transfer: set by the cache for each fill, carried
+ * unchanged through fs/ (struct cache_fetch_hint) to fetch/ (struct
+ * fetch_req), and called by the transfer as it goes.  Any may be NULL.
+ */
+#ifndef STREAMFS_XFER_H
+#define STREAMFS_XFER_H
+
+#include <stddef.h>
+
+struct xfer_hooks {
+	/* Set for background fills: called between pieces of the body; it
+	 * may sleep to hold the transfer back (the socket is not read
+	 * meanwhile, so TCP slows the sender) while a demand fetch of the
+	 * same disk is in progress (see cache/stream.c). */
+	void (*hold)(void *opaque);
+	void *hold_opaque;
+	/* Set for demand fills: called with +1 once the transfer has a
+	 * connection and is about to start, and with -1 when it has ended
+	 * (once per attempt).  Background fills hold back only for demand
+	 * requests on the wire, never for one queued for a connection that a
+	 * held-back transfer would free. */
+	void (*on_wire)(void *opaque, int delta);
+	void *on_wire_opaque;
+	/* Set for a demand fill that may answer its reader early: called as
+	 * the body arrives with how many bytes at the start of the buffer are
+	 * in, once the reply's status, Content-Range, size and validator
+	 * were found right; those bytes are the template's even if the
+	 * transfer fails later.  A retry starts again from 0. */
+	void (*progress)(void *opaque, size_t got);
+	void *progress_opaque;
+};
+
+#endif
