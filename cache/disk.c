@@ -530,6 +530,14 @@ static void clear_transient_error_locked(struct cache_disk *d)
 		d->error[0] = '\0';
 }
 
+/* Before a reader is answered: whoever looks at the error after the read
+ * must not see an outage that this fetch has ended. */
+static void clear_transient_error(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->lock);
+	clear_transient_error_locked(d);
+}
+
 /* Records the outcome of a fill of [a, b] and finishes its claims. */
 static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t a, uint64_t b,
 			int r, bool local, uint64_t bad)
@@ -687,11 +695,7 @@ static void deliver_progress(void *opaque, size_t got)
 
 	if (dl->answered || got < skip + dl->len)
 		return;
-	/* Whoever looks at the error after the read must not see an outage
-	 * that this fetch has ended. */
-	pthread_mutex_lock(&dl->d->lock);
-	clear_transient_error_locked(dl->d);
-	pthread_mutex_unlock(&dl->d->lock);
+	clear_transient_error(dl->d);
 	dl->answered = dl->answer(dl->answer_opaque, dl->buf + skip, dl->len);
 }
 
@@ -749,20 +753,14 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (!background)
 			atomic_fetch_sub(&d->waiting, 1);
-		if (r >= 0 && dl && dl->answered) {
-			if (storeq_push(d, claims, a, b, buf))
-				return 0; /* the job owns buf and the claims now */
-		} else if (r >= 0 && dl && (*dl->out = malloc(MAX(dl->len, 1u)))) {
+		/* The reader not answered early is answered now, before the
+		 * store, from a copy. */
+		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
-			/* The reader is answered now, before the store: whoever
-			 * looks at the error after the read must not see an
-			 * outage that this fetch has ended. */
-			pthread_mutex_lock(&d->lock);
-			clear_transient_error_locked(d);
-			pthread_mutex_unlock(&d->lock);
-			if (storeq_push(d, claims, a, b, buf))
-				return 0; /* the job owns buf and the claims now */
+			clear_transient_error(d);
 		}
+		if (r >= 0 && dl && (dl->answered || *dl->out) && storeq_push(d, claims, a, b, buf))
+			return 0; /* the job owns buf and the claims now */
 		if (r >= 0)
 			r = store_run(d, a, b, buf, background, &local);
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)

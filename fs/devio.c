@@ -142,7 +142,7 @@ static void patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy
 	iov[1].iov_base = copy;
 }
 
-static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
+static ssize_t devio_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
 	struct fuse_init_out init;
 	struct fuse_open_out open;
@@ -168,7 +168,7 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 	return writev(fd, iov, count);
 }
 
-static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+static ssize_t devio_read(int fd, void *buf, size_t len, void *userdata)
 {
 	ssize_t n = read(fd, buf, len);
 
@@ -185,7 +185,7 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 	return n;
 }
 
-static ssize_t pt_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+static ssize_t devio_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
 			 unsigned int flags, void *userdata)
 {
 	(void)userdata;
@@ -219,9 +219,9 @@ int fs_devio_install(struct fuse_session *se)
 	 * each one's header (requests are small: the high-level API copies
 	 * written data anyway).  Replies are still spliced. */
 	static const struct fuse_custom_io io = {
-		.writev = pt_writev,
-		.read = pt_read,
-		.splice_send = pt_splice,
+		.writev = devio_writev,
+		.read = devio_read,
+		.splice_send = devio_splice,
 	};
 	int fd = fuse_session_fd(se);
 	int r = fuse_session_custom_io(se, &io, fd);
