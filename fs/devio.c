@@ -278,7 +278,7 @@ void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi)
 	if (id > 0) {
 		md->pt_opens++;
 		md->pt_used = true;
-		fi->fh |= FS_FH_PASSTHROUGH | (rdonly ? 0 : FS_FH_WRITABLE);
+		fi->fh |= FS_FH_PASSTHROUGH;
 		/* Reads and writes of a writable one go through the daemon (only
 		 * its mmap goes to the image): see the top of this file. */
 		if (!rdonly)

@@ -123,8 +123,8 @@ void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 char *fs_status_line(struct mount_disk *md);
 
 /* devio.c; a disk's fi->fh is its mount_disk | these bits. */
-#define FS_FH_PASSTHROUGH ((uint64_t)2)
-#define FS_FH_WRITABLE ((uint64_t)4)
+#define FS_FH_PASSTHROUGH ((uint64_t)2) /* opened in passthrough mode */
+#define FS_FH_WRITABLE ((uint64_t)4)    /* opened for writing (set by fs_open) */
 #define FS_FH_FLAGS ((uint64_t)7)
 /* Hooks the mounted session's device I/O (passthrough, early answers). */
 int fs_devio_install(struct fuse_session *se) __attribute__((warn_unused_result));

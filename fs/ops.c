@@ -128,6 +128,8 @@ static int fs_open(const char *path, struct fuse_file_info *fi)
 	if ((fi->flags & O_ACCMODE) != O_RDONLY && m->opts.readonly)
 		return -EROFS;
 	fi->fh = (uintptr_t)md;
+	if ((fi->flags & O_ACCMODE) != O_RDONLY)
+		fi->fh |= FS_FH_WRITABLE; /* FLUSH carries no open flags */
 	/* The page cache cannot go stale: every change to a disk's bytes
 	 * comes through this mount, and absent data are never cached. */
 	fi->keep_cache = 1;
@@ -220,10 +222,14 @@ static int fs_flush(const char *path, struct fuse_file_info *fi)
 
 	if (!md)
 		return 0;
-	/* close(2) of a written disk makes the writes durable too.  Writes
-	 * through passthrough bypass the daemon, so such a descriptor always
-	 * syncs (cheap on a clean image). */
-	if (!(fi->fh & FS_FH_WRITABLE) && !cache_disk_dirty(md->disk))
+	/* close(2) of a descriptor that can write makes the disk's writes
+	 * durable (streamfs(1), WRITES AND DURABILITY).  It syncs even when
+	 * nothing looks dirty (cheap on a clean image): its mmap writes may
+	 * have gone straight to the image (passthrough).  A read-only one has
+	 * nothing to make durable; what it had fetched is committed by the
+	 * flusher, and an fdatasync of a freshly streamed image would make
+	 * its close(2) take seconds. */
+	if (!(fi->fh & FS_FH_WRITABLE))
 		return 0;
 	return fs_fsync(path, 1, fi);
 }
