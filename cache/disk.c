@@ -279,6 +279,8 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	d->chunk_shift = (unsigned)__builtin_ctz(d->chunk_size);
 	d->nchunks = meta_chunks(&d->meta);
 	r = bitmap_init(&d->dirty, DIV_ROUND_UP(d->nchunks, DIRTY_PAGE_CHUNKS));
+	if (r >= 0)
+		r = bitmap_init(&d->zero, d->nchunks);
 	if (r < 0)
 		goto fail;
 	pthread_mutex_init(&d->lock, NULL);
@@ -292,6 +294,8 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 
 fail:
 	bitmap_destroy(&d->present);
+	bitmap_destroy(&d->dirty);
+	bitmap_destroy(&d->zero);
 	meta_clear(&d->meta);
 	if (d->img_fd >= 0)
 		close(d->img_fd);
@@ -323,6 +327,7 @@ void cache_disk_free(struct cache_disk *d)
 	pthread_mutex_destroy(&d->lock);
 	bitmap_destroy(&d->present);
 	bitmap_destroy(&d->dirty);
+	bitmap_destroy(&d->zero);
 	meta_clear(&d->meta);
 	close(d->img_fd);
 	close(d->meta_fd);
@@ -468,16 +473,18 @@ static bool range_is_hole(int fd, uint64_t off, uint64_t len)
  * replaces whatever an interrupted earlier write left there.  A range that
  * is a hole already (the usual case: a fresh image is one) is left alone:
  * a punch costs a journal transaction under the inode lock, about 1 ms
- * each on ext4, and blocks the other chunks' stores meanwhile.
+ * each on ext4, and blocks the other chunks' stores meanwhile.  Such a
+ * chunk is remembered in d->zero, so that reads of it are answered with
+ * zeros, not by the kernel zeroing the image's pages for the hole.
  */
 static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 {
 	uint64_t off = idx << d->chunk_shift;
 	uint64_t len = disk_chunk_len(d, idx);
-
+	bool zero = buf_is_zero(buf, len);
 	int r = -EOPNOTSUPP;
 
-	if (buf_is_zero(buf, len)) {
+	if (zero) {
 		if (range_is_hole(d->img_fd, off, len))
 			r = 0;
 		else
@@ -490,6 +497,11 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 		r = full_pwrite(d->img_fd, buf, len, off);
 	/* Counted once done, so a sync that reads the counter covers it. */
 	atomic_fetch_add(&d->writes_since_sync, 1);
+	if (r >= 0 && zero) {
+		/* The chunk is still claimed: no write to it can race this. */
+		LOCK_GUARD(&d->lock);
+		bitmap_set(&d->zero, idx);
+	}
 	return r;
 }
 
@@ -889,9 +901,27 @@ int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void
 	if (len > size - off)
 		dl.len = len = (size_t)(size - off);
 	readahead_note(d, off, len);
-	int r = ensure_chunks(d, off >> d->chunk_shift, (off + len - 1) >> d->chunk_shift, &hint,
-			      ret_data ? &dl : NULL);
-	return dl.answered ? 1 : r < 0 ? r : 0;
+	uint64_t first = off >> d->chunk_shift, last = (off + len - 1) >> d->chunk_shift;
+	int r = ensure_chunks(d, first, last, &hint, ret_data ? &dl : NULL);
+	if (dl.answered)
+		return 1;
+	if (r < 0)
+		return r;
+	if (ret_data && *ret_data)
+		return 0; /* ensure_chunks() returned 1: copied out */
+	LOCK_GUARD(&d->lock);
+	for (uint64_t i = first; i <= last; i++)
+		if (!bitmap_get(&d->zero, i))
+			return 0;
+	return CACHE_READ_ZEROS;
+}
+
+void cache_disk_forget_zeros(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->lock);
+	for (int64_t i = bitmap_next_set(&d->zero, 0); i >= 0;
+	     i = bitmap_next_set(&d->zero, (uint64_t)i + 1))
+		bitmap_clear(&d->zero, (uint64_t)i);
 }
 
 bool cache_disk_dirty(struct cache_disk *d)

@@ -107,6 +107,8 @@ struct cache_disk {
 	pthread_cond_t fill_cond;   /* an inflight entry finished */
 	struct bitmap present;      /* guarded by lock */
 	struct bitmap dirty;        /* bitmap pages changed since last commit */
+	struct bitmap zero;         /* chunks stored as holes since open: they
+				     * read as zeros until written (not saved) */
 	struct inflight *inflight;  /* guarded by lock */
 	bool failed;                /* permanent: template changed; guarded */
 	bool local_error;           /* ENOSPC/EIO on the image; cleared by start */

@@ -119,6 +119,11 @@ static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_appl
 		if (r < 0)
 			goto finish;
 	}
+	/* Reads of these chunks must come from the image from now on. */
+	pthread_mutex_lock(&d->lock);
+	for (uint64_t i = first; i <= last; i++)
+		bitmap_clear(&d->zero, i);
+	pthread_mutex_unlock(&d->lock);
 	r = apply(d, arg, off, len);
 	atomic_fetch_add(&d->writes_since_sync, 1);
 	if (r < 0)

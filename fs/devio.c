@@ -30,6 +30,8 @@
  * Early answers.  fs_answer_now() writes the reply to the READ this
  * thread is serving while the rest of its chunk is still on the wire;
  * the reply libfuse sends when the handler returns is then dropped here.
+ * fs_answer_zeros() answers the same way, with zeros, a read of chunks
+ * the cache stored as holes.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -192,20 +194,45 @@ static ssize_t devio_splice(int fdin, off_t *offin, int fdout, off_t *offout, si
 	return splice(fdin, offin, fdout, offout, len, flags);
 }
 
-bool fs_answer_now(void *opaque, const void *data, size_t len)
+/* Replies to the READ this thread serves with the len bytes of iov[1..n),
+ * iov[0] being left for the header. */
+static bool answer_read(struct iovec *iov, int n, size_t len)
 {
 	struct fuse_out_header oh = {.len = (uint32_t)(sizeof(oh) + len), .unique = cur.unique};
-	struct iovec iov[2] = {{&oh, sizeof(oh)}, {(void *)data, len}};
 
-	(void)opaque;
 	if (cur.opcode != FUSE_READ || !cur.unique || cur.answered)
 		return false;
-	ssize_t n = writev(cur.fd, iov, 2);
+	iov[0] = (struct iovec){&oh, sizeof(oh)};
 	/* ENOENT: the read was interrupted, and its caller has gone. */
-	if (n < 0 && errno != ENOENT)
+	if (writev(cur.fd, iov, n) < 0 && errno != ENOENT)
 		return false;
 	cur.answered = true;
 	return true;
+}
+
+bool fs_answer_now(void *opaque, const void *data, size_t len)
+{
+	struct iovec iov[2] = {[1] = {(void *)data, len}};
+
+	(void)opaque;
+	return answer_read(iov, 2, len);
+}
+
+bool fs_answer_zeros(size_t len)
+{
+	/* Never written: all its pages are the kernel's zero page. */
+	static char zeros[256 * 1024];
+	struct iovec iov[1 + 16];
+	int n = 1;
+
+	if (!fs_answer_ready() || len > (ARRAY_SIZE(iov) - 1) * sizeof(zeros))
+		return false;
+	for (size_t left = len; left; n++) {
+		size_t k = MIN(left, sizeof(zeros));
+		iov[n] = (struct iovec){zeros, k};
+		left -= k;
+	}
+	return answer_read(iov, n, len);
 }
 
 bool fs_answer_ready(void)
@@ -280,9 +307,12 @@ void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi)
 		md->pt_used = true;
 		fi->fh |= FS_FH_PASSTHROUGH;
 		/* Reads and writes of a writable one go through the daemon (only
-		 * its mmap goes to the image): see the top of this file. */
-		if (!rdonly)
+		 * its mmap goes to the image, behind the cache's back): see the
+		 * top of this file. */
+		if (!rdonly) {
 			fi->direct_io = 1;
+			cache_disk_forget_zeros(md->disk);
+		}
 		pending.fh = fi->fh;
 		pending.backing_id = id;
 		pending.md = md;

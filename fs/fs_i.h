@@ -130,6 +130,9 @@ char *fs_status_line(struct mount_disk *md);
 int fs_devio_install(struct fuse_session *se) __attribute__((warn_unused_result));
 /* Passthrough is used only once enabled (not with -o nopassthrough). */
 void fs_passthrough_enable(bool on);
+/* Replies to the READ this thread serves with len zero bytes; false if it
+ * cannot (then libfuse replies as usual). */
+bool fs_answer_zeros(size_t len);
 /* True once the hook is in, so that fs_answer_now() may be used. */
 bool fs_answer_ready(void);
 /* A cache_answer_fn: replies to the READ this thread serves with data. */

@@ -158,7 +158,9 @@ static int fs_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size,
 	if (size) {
 		r = cache_disk_prepare_read(md->disk, (uint64_t)off, size, &data,
 					    fs_answer_ready() ? fs_answer_now : NULL, NULL);
-		if (r == 1)
+		/* Holes are answered from zeros: splicing them from the image
+		 * would have the kernel zero page-cache pages for them first. */
+		if (r == 1 || (r == CACHE_READ_ZEROS && fs_answer_zeros(size)))
 			size = 0; /* answered already; this reply is dropped */
 		if (r < 0) {
 			log_debug(LOG_SUB_FS, "read %s at %lld: %s", md->name, (long long)off,

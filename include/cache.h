@@ -173,8 +173,12 @@ typedef bool cache_answer_fn(void *opaque, const void *data, size_t len);
  * read from cache_disk_fd().  With answer too (and no manifest, whose
  * check needs whole chunks), such a read is offered to answer() as soon
  * as its bytes are in; when answer() took them, returns 1 at once after
- * the fill, whatever its result.
+ * the fill, whatever its result.  Returns CACHE_READ_ZEROS instead of 0
+ * when every chunk of the range was stored as a hole since the disk was
+ * opened and not written since: the range reads as zeros, and the caller
+ * may answer from zeros rather than read the image.
  */
+#define CACHE_READ_ZEROS 2
 int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data,
 			    cache_answer_fn *answer, void *answer_opaque)
 	__attribute__((warn_unused_result));
@@ -206,8 +210,15 @@ int cache_disk_zero(struct cache_disk *d, uint64_t off, uint64_t len)
  */
 int cache_disk_sync(struct cache_disk *d) __attribute__((warn_unused_result));
 
-/* Cheap check used by close(): true when cache_disk_sync has work to do. */
+/* Cheap check used by the flusher: true when cache_disk_sync has work to do. */
 bool cache_disk_dirty(struct cache_disk *d);
+
+/*
+ * Forgets which chunks read as zeros (see cache_disk_prepare_read()): for
+ * when the image may change behind the cache's back, as it does through a
+ * writable passthrough descriptor's mmap.
+ */
+void cache_disk_forget_zeros(struct cache_disk *d);
 
 /* True when every chunk is present: the local image is the whole disk. */
 bool cache_disk_complete(struct cache_disk *d);

@@ -489,6 +489,55 @@ def test_discard_reads_zeros_and_fetches_only_edges():
     m2.stop()
 
 
+def test_zero_chunks_read_as_zeros_until_written():
+    """All-zero chunks are stored as holes and their reads answered with
+    zeros: a zero chunk over leftovers of an interrupted write in the image
+    reads as zeros (the leftovers are punched out), and a write into a zero
+    chunk, present or absent, is read back at once and after remount."""
+    chunk = 256 * KiB
+    nchunks = 8  # even chunks random, odd ones all zero
+    rng = random.Random("zero-chunks")
+    data = b"".join(rng.randbytes(chunk) if i % 2 == 0 else bytes(chunk)
+                    for i in range(nchunks))
+    path_t = os.path.join(ws().www, "zeros.img")
+    with open(path_t, "wb") as f:
+        f.write(data)
+    os.chmod(path_t, 0o644)
+    with h.Nginx(ws()) as ng:
+        img = image_dir()
+        h.ctl_add(img, "z", ng.url("zeros.img"), chunk_size="256K")
+        image = os.path.join(img, "z.img")
+        # Chunk 3 (absent, all zero) holds what a crash mid-write left.
+        with open(image, "r+b") as f:
+            f.seek(3 * chunk + 4096)
+            f.write(b"leftover" * 512)
+        want = bytearray(data)
+        m = h.Mount(ws(), img, opts=("stream=manual",)).start()
+        path = m.path("z")
+        for rnd in ("cold", "present"):
+            for a in range(0, 7 * chunk, 128 * KiB):
+                expect_equal(f"{rnd} read at {a}", pread_direct(path, a, 128 * KiB),
+                             bytes(want[a:a + 128 * KiB]))
+        with open(image, "rb") as f:
+            f.seek(3 * chunk)
+            if f.read(chunk) != bytes(chunk):
+                fail("the leftovers in chunk 3 are still in the image")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for off in (5 * chunk + 8192, 7 * chunk + 100):  # present, absent
+                os.pwrite(fd, b"written!" * 512, off)
+                want[off:off + 4096] = b"written!" * 512
+                a = off // (128 * KiB) * (128 * KiB)
+                expect_equal(f"read after the write at {off}", pread_direct(path, a, 128 * KiB),
+                             bytes(want[a:a + 128 * KiB]))
+        finally:
+            os.close(fd)
+        m.stop()
+    m2 = h.Mount(ws(), img).start()
+    expect_equal("whole disk after remount, no server", read_file_all(m2.path("z")), bytes(want))
+    m2.stop()
+
+
 # ---------------------------------------------------------------------------
 # Remount keeps writes and present chunks, with no server
 # ---------------------------------------------------------------------------
