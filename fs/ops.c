@@ -377,9 +377,13 @@ static void *fs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	cfg->attr_timeout = 1.0;
 	cfg->negative_timeout = 0;
 	cfg->hard_remove = 1;
-	/* Let libfuse splice fd-backed replies straight to the kernel. */
+	/* Let libfuse splice fd-backed replies straight to the kernel.  Not
+	 * SPLICE_MOVE: the kernel would try to steal each page of the image
+	 * into the FUSE file's cache, which locks it, waits for its writeback
+	 * and fails anyway for a page still dirty from the fetch; reading a
+	 * 2 GiB disk through the daemon took 10-40 % longer with it. */
 	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
-		conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+		conn->want |= FUSE_CAP_SPLICE_WRITE;
 	conn->want &= ~(unsigned)FUSE_CAP_ATOMIC_O_TRUNC;
 	/* Every change to a disk comes through this mount, so the kernel's
 	 * cache is never stale: do not drop it when the local image's mtime
