@@ -55,7 +55,11 @@ static void budget_give(uint64_t len)
  * Fetch buffers are mmapped, so that freeing one gives its memory back at
  * once (malloc's per-thread arenas kept freed megabytes around and peak RSS
  * crept past 64 MiB), and a few freed ones are kept for reuse, so that a
- * fast stream does not pay a page fault per 4 KiB of every buffer.
+ * fast stream does not pay a page fault per 4 KiB of every buffer.  Sizes
+ * above 64 KiB are rounded up to a power of two, so that runs of 3 chunks
+ * reuse the buffers of runs of 4: read-ahead runs end wherever the window
+ * does, and a cold 2 GiB dd mapped 100-270 fresh buffers instead of 17-80.
+ * Only the pages a run uses are touched.
  */
 #define BUF_CACHE_MAX 8
 #define BUF_CACHE_BYTES (12u << 20) /* memory kept in cached buffers at most */
@@ -67,9 +71,17 @@ static struct {
 static size_t buf_cached;   /* guarded by buf_lock */
 static size_t buf_cached_bytes; /* guarded by buf_lock */
 
-static void *buf_get(size_t len)
+static size_t buf_class(size_t len)
 {
 	len = (len + 4095) & ~(size_t)4095;
+	if (len > 65536 && (len & (len - 1)))
+		len = (size_t)1 << (64 - __builtin_clzll((unsigned long long)len));
+	return len;
+}
+
+static void *buf_get(size_t len)
+{
+	len = buf_class(len);
 	pthread_mutex_lock(&buf_lock);
 	for (size_t i = 0; i < buf_cached; i++) {
 		if (buf_cache[i].len == len) {
@@ -89,7 +101,7 @@ static void buf_put(void *p, size_t len)
 {
 	if (!p)
 		return;
-	len = (len + 4095) & ~(size_t)4095;
+	len = buf_class(len);
 	pthread_mutex_lock(&buf_lock);
 	if (buf_cached < BUF_CACHE_MAX && buf_cached_bytes + len <= BUF_CACHE_BYTES) {
 		buf_cache[buf_cached].p = p;
