@@ -593,9 +593,57 @@ static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t
 
 	LOCK_GUARD(&d->lock);
 	for (uint64_t i = a; i <= b; i++)
-		inflight_finish_locked(d, claims[i - a], r);
+		if (claims[i - a]) /* NULL: finished already (struct early_store) */
+			inflight_finish_locked(d, claims[i - a], r);
 	if (r >= 0)
 		clear_transient_error_locked(d);
+}
+
+/*
+ * Early stores, for a background fill without a manifest (whose check
+ * needs the whole run first): each chunk is stored, and its claim
+ * finished, as soon as its bytes are in, while the rest of the run is
+ * still on the way.  A reader waiting for one chunk of a streamer's or
+ * read-ahead's run need not wait for the whole run, and each chunk is
+ * copied into the image while it is still in the CPU's cache.
+ */
+struct early_store {
+	struct cache_disk *d;
+	struct inflight **claims; /* the run's; NULL once finished */
+	const char *buf;          /* the fetch buffer, holding chunk a on */
+	uint64_t a, b;
+	uint64_t next;            /* the first chunk not stored yet */
+	int r;                    /* a store's failure: then no more stores */
+};
+
+/* Stores chunks [es->next, upto) and finishes their claims. */
+static void early_store_upto(struct early_store *es, uint64_t upto)
+{
+	struct cache_disk *d = es->d;
+
+	while (es->r >= 0 && es->next < upto) {
+		uint64_t k = es->next - es->a;
+
+		stream_hold(d);
+		es->r = store_chunk(d, es->next, es->buf + (k << d->chunk_shift));
+		if (es->r < 0)
+			return;
+		pthread_mutex_lock(&d->lock);
+		inflight_finish_locked(d, es->claims[k], 0);
+		pthread_mutex_unlock(&d->lock);
+		es->claims[k] = NULL;
+		es->next++;
+	}
+}
+
+/* The fetch's progress: stores the chunks wholly in.  A retry starts again
+ * from 0 with the same bytes, and finds its first chunks stored. */
+static void early_store_progress(void *opaque, size_t got)
+{
+	struct early_store *es = opaque;
+	uint64_t len = disk_run_len(es->d, es->a, es->b);
+
+	early_store_upto(es, got >= len ? es->b + 1 : es->a + (got >> es->d->chunk_shift));
 }
 
 /*
@@ -757,6 +805,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 
 	bool background = hint->prio != CACHE_PRIO_DEMAND;
 	struct cache_fetch_hint h = *hint;
+	struct early_store es = {.d = d, .claims = claims, .a = a, .b = b, .next = a};
 
 	if (background) {
 		budget_take(len);
@@ -777,6 +826,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			dl->run_off = off;
 			h.hooks.progress = deliver_progress;
 			h.hooks.progress_opaque = dl;
+		} else if (background && d->manifest_fd < 0) {
+			es.buf = buf;
+			h.hooks.progress = early_store_progress;
+			h.hooks.progress_opaque = &es;
 		}
 		if (!background)
 			atomic_fetch_add(&d->waiting, 1);
@@ -801,8 +854,18 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (r >= 0 && dl && (dl->answered || *dl->out) && storeq_push(d, claims, a, b, buf))
 			return 0; /* the job owns buf and the claims now */
-		if (r >= 0)
+		if (es.buf) {
+			/* What progress did not store: all of it, from a source
+			 * that reports none (file://). */
+			if (r >= 0)
+				early_store_upto(&es, b + 1);
+			if (es.r < 0) {
+				r = es.r;
+				local = true;
+			}
+		} else if (r >= 0) {
 			r = store_run(d, a, b, buf, background, &local);
+		}
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
 	}

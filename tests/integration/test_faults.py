@@ -524,6 +524,32 @@ def test_read_answered_before_its_chunk_is_whole():
     srv.stop()
 
 
+def test_streamer_run_stored_chunk_by_chunk():
+    # Every response stalls after 1.5 MiB.  The streamer asks for runs of
+    # 1, 2, then 4 chunks: only its first run (one chunk) can complete.
+    # Each chunk of a run is stored as soon as it has arrived, so the first
+    # chunk of every stalled run is present too, while its response hangs.
+    size = 16 * MiB
+    t, srv, img = setup("runstore", size=size)
+    srv.set_rules([rule("stall", t, after_bytes=3 * MiB // 2, seconds=3)])
+    with h.Mount(ws(), img, opts=("stream=manual",)) as m:
+        path = m.path("runstore")
+        control(m, "start runstore\n")
+        deadline = time.monotonic() + 2.5
+        while int(xattr(path, "cached")) < 2 * MiB:
+            if time.monotonic() > deadline:
+                fail(f"{xattr(path, 'cached')} bytes cached 2.5 s into a stream whose "
+                     "responses all stall after 1.5 MiB: the first chunks of its runs "
+                     "were not stored while the rest of each run was on the way")
+            time.sleep(0.05)
+        h.log(f"{xattr(path, 'cached')} bytes cached while every response stalls")
+        read_ok(m, "runstore", t, MiB + 4096, 4096, "read of a chunk stored early")
+        srv.set_rules([])
+        h.wait_until(lambda: xattr(path, "state") == "complete", 60, "runstore complete")
+    check_image_region(img, "runstore", t, 0, size, "runs stored chunk by chunk")
+    srv.stop()
+
+
 def test_status_5xx_429_retried():
     t, srv, img = setup("status")
     with h.Mount(ws(), img) as m:
