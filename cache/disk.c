@@ -59,7 +59,8 @@ static void budget_give(uint64_t len)
  * above 64 KiB are rounded up to a power of two, so that runs of 3 chunks
  * reuse the buffers of runs of 4: read-ahead runs end wherever the window
  * does, and a cold 2 GiB dd mapped 100-270 fresh buffers instead of 17-80.
- * Only the pages a run uses are touched.
+ * A fresh buffer gets only the pages its run uses; a cached one keeps
+ * those of earlier runs (BUF_CACHE_BYTES bounds them).
  */
 #define BUF_CACHE_MAX 8
 #define BUF_CACHE_BYTES (12u << 20) /* memory kept in cached buffers at most */
@@ -509,11 +510,14 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 		r = full_pwrite(d->img_fd, buf, len, off);
 	/* Counted once done, so a sync that reads the counter covers it. */
 	atomic_fetch_add(&d->writes_since_sync, 1);
-	if (r >= 0 && zero) {
-		/* The chunk is still claimed: no write to it can race this. */
-		LOCK_GUARD(&d->lock);
+	/* Decided on every store (a failed fill may leave a mark behind, and
+	 * the chunk's next fetch need not bring zeros again).  The chunk is
+	 * still claimed: no write to it can race this. */
+	LOCK_GUARD(&d->lock);
+	if (r >= 0 && zero)
 		bitmap_set(&d->zero, idx);
-	}
+	else
+		bitmap_clear(&d->zero, idx);
 	return r;
 }
 
@@ -616,15 +620,18 @@ struct early_store {
 	int r;                    /* a store's failure: then no more stores */
 };
 
-/* Stores chunks [es->next, upto) and finishes their claims. */
-static void early_store_upto(struct early_store *es, uint64_t upto)
+/* Stores chunks [es->next, upto) and finishes their claims; with hold,
+ * holds back before each like store_run() (from the fetch's progress, the
+ * transfer has just held back before this piece). */
+static void early_store_upto(struct early_store *es, uint64_t upto, bool hold)
 {
 	struct cache_disk *d = es->d;
 
 	while (es->r >= 0 && es->next < upto) {
 		uint64_t k = es->next - es->a;
 
-		stream_hold(d);
+		if (hold)
+			stream_hold(d);
 		es->r = store_chunk(d, es->next, es->buf + (k << d->chunk_shift));
 		if (es->r < 0)
 			return;
@@ -643,7 +650,7 @@ static void early_store_progress(void *opaque, size_t got)
 	struct early_store *es = opaque;
 	uint64_t len = disk_run_len(es->d, es->a, es->b);
 
-	early_store_upto(es, got >= len ? es->b + 1 : es->a + (got >> es->d->chunk_shift));
+	early_store_upto(es, got >= len ? es->b + 1 : es->a + (got >> es->d->chunk_shift), false);
 }
 
 /*
@@ -858,8 +865,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			/* What progress did not store: all of it, from a source
 			 * that reports none (file://). */
 			if (r >= 0)
-				early_store_upto(&es, b + 1);
-			if (es.r < 0) {
+				early_store_upto(&es, b + 1, true);
+			/* A failed fetch is reported as such (ESTALE must
+			 * fail the disk); the store's failure recurs. */
+			if (es.r < 0 && r >= 0) {
 				r = es.r;
 				local = true;
 			}

@@ -102,13 +102,14 @@ struct cache_disk {
 				      * stream.lock, before lock */
 	struct meta meta;
 
-	pthread_mutex_t lock;       /* protects: present, dirty, inflight, failed,
-				     * local_error, error; order: last */
+	pthread_mutex_t lock;       /* protects: present, dirty, zero, inflight,
+				     * failed, local_error, error; order: last */
 	pthread_cond_t fill_cond;   /* an inflight entry finished */
 	struct bitmap present;      /* guarded by lock */
 	struct bitmap dirty;        /* bitmap pages changed since last commit */
 	struct bitmap zero;         /* chunks stored as holes since open: they
-				     * read as zeros until written (not saved) */
+				     * read as zeros until written (not saved);
+				     * guarded by lock */
 	struct inflight *inflight;  /* guarded by lock */
 	bool failed;                /* permanent: template changed; guarded */
 	bool local_error;           /* ENOSPC/EIO on the image; cleared by start */

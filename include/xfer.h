@@ -23,11 +23,13 @@ struct xfer_hooks {
 	 * held-back transfer would free. */
 	void (*on_wire)(void *opaque, int delta);
 	void *on_wire_opaque;
-	/* Set for a demand fill that may answer its reader early: called as
-	 * the body arrives with how many bytes at the start of the buffer are
-	 * in, once the reply's status, Content-Range, size and validator
-	 * were found right; those bytes are the template's even if the
-	 * transfer fails later.  A retry starts again from 0. */
+	/* Called as the body arrives with how many bytes at the start of
+	 * the buffer are in, once the reply's status, Content-Range, size and
+	 * validator were found right; those bytes are the template's even if
+	 * the transfer fails later.  A retry starts again from 0.  Set for a
+	 * demand fill that may answer its reader early, and for a background
+	 * fill, which stores each chunk once it is in (it may block in
+	 * pwrite and hold back).  HTTP only: file:// reports no progress. */
 	void (*progress)(void *opaque, size_t got);
 	void *progress_opaque;
 };
