@@ -548,25 +548,6 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 		       src_err[0] ? src_err : strerror(-r));
 }
 
-/*
- * Stores the fetched chunks [a, b] from buf; *ret_local on a local failure.
- * A background fill holds back before each chunk like its transfer did:
- * the copies of a big run would otherwise take the CPU from a demand read.
- */
-static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *buf,
-		     bool background, bool *ret_local)
-{
-	int r = 0;
-
-	for (uint64_t i = a; r >= 0 && i <= b; i++) {
-		if (background)
-			stream_hold(d);
-		r = store_chunk(d, i, (const char *)buf + ((i - a) << d->chunk_shift));
-	}
-	*ret_local = r < 0;
-	return r;
-}
-
 /* A success ends a transient error: the text shows current trouble. */
 static void clear_transient_error_locked(struct cache_disk *d)
 {
@@ -597,60 +578,79 @@ static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t
 
 	LOCK_GUARD(&d->lock);
 	for (uint64_t i = a; i <= b; i++)
-		if (claims[i - a]) /* NULL: finished already (struct early_store) */
+		if (claims[i - a]) /* NULL: finished already (early stores) */
 			inflight_finish_locked(d, claims[i - a], r);
 	if (r >= 0)
 		clear_transient_error_locked(d);
 }
 
 /*
- * Early stores, for a background fill without a manifest (whose check
- * needs the whole run first): each chunk is stored, and its claim
- * finished, as soon as its bytes are in, while the rest of the run is
- * still on the way.  A reader waiting for one chunk of a streamer's or
+ * The stores of a fetched run [a, b], chunk by chunk in order.  A
+ * background fill holds back before each chunk like its transfer did: the
+ * copies of a big run would otherwise take the CPU from a demand read.
+ *
+ * Early stores, with claims, for a background fill without a manifest
+ * (whose check needs the whole run first): each chunk is stored, and its
+ * claim finished, as soon as its bytes are in, while the rest of the run
+ * is still on the way.  A reader waiting for one chunk of a streamer's or
  * read-ahead's run need not wait for the whole run, and each chunk is
  * copied into the image while it is still in the CPU's cache.
  */
-struct early_store {
+struct run_store {
 	struct cache_disk *d;
-	struct inflight **claims; /* the run's; NULL once finished */
 	const char *buf;          /* the fetch buffer, holding chunk a on */
 	uint64_t a, b;
 	uint64_t next;            /* the first chunk not stored yet */
+	struct inflight **claims; /* early stores: the run's, NULL once
+				   * finished; NULL: the caller finishes them */
 	int r;                    /* a store's failure: then no more stores */
 };
 
-/* Stores chunks [es->next, upto) and finishes their claims; with hold,
- * holds back before each like store_run() (from the fetch's progress, the
+/* Stores chunks [rs->next, upto), finishing their claims if rs has them;
+ * with hold, holds back before each (from the fetch's progress, the
  * transfer has just held back before this piece). */
-static void early_store_upto(struct early_store *es, uint64_t upto, bool hold)
+static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
 {
-	struct cache_disk *d = es->d;
+	struct cache_disk *d = rs->d;
 
-	while (es->r >= 0 && es->next < upto) {
-		uint64_t k = es->next - es->a;
+	while (rs->r >= 0 && rs->next < upto) {
+		uint64_t k = rs->next - rs->a;
 
 		if (hold)
 			stream_hold(d);
-		es->r = store_chunk(d, es->next, es->buf + (k << d->chunk_shift));
-		if (es->r < 0)
+		rs->r = store_chunk(d, rs->next, rs->buf + (k << d->chunk_shift));
+		if (rs->r < 0)
 			return;
-		pthread_mutex_lock(&d->lock);
-		inflight_finish_locked(d, es->claims[k], 0);
-		pthread_mutex_unlock(&d->lock);
-		es->claims[k] = NULL;
-		es->next++;
+		if (rs->claims) {
+			pthread_mutex_lock(&d->lock);
+			inflight_finish_locked(d, rs->claims[k], 0);
+			pthread_mutex_unlock(&d->lock);
+			rs->claims[k] = NULL;
+		}
+		rs->next++;
 	}
 }
 
-/* The fetch's progress: stores the chunks wholly in.  A retry starts again
- * from 0 with the same bytes, and finds its first chunks stored. */
-static void early_store_progress(void *opaque, size_t got)
+/* The fetch's progress, for early stores: stores the chunks wholly in.  A
+ * retry starts again from 0 with the same bytes, and finds its first
+ * chunks stored. */
+static void run_store_progress(void *opaque, size_t got)
 {
-	struct early_store *es = opaque;
-	uint64_t len = disk_run_len(es->d, es->a, es->b);
+	struct run_store *rs = opaque;
+	uint64_t len = disk_run_len(rs->d, rs->a, rs->b);
 
-	early_store_upto(es, got >= len ? es->b + 1 : es->a + (got >> es->d->chunk_shift), false);
+	run_store_upto(rs, got >= len ? rs->b + 1 : rs->a + (got >> rs->d->chunk_shift), false);
+}
+
+/* Stores the fetched chunks [a, b] from buf; *ret_local on a local failure. */
+static int store_run(struct cache_disk *d, uint64_t a, uint64_t b, const void *buf,
+		     bool background, bool *ret_local)
+{
+	struct run_store rs = {.d = d, .buf = buf, .a = a, .b = b, .next = a};
+
+	run_store_upto(&rs, b + 1, background);
+	*ret_local = rs.r < 0;
+	return rs.r;
 }
 
 /*
@@ -812,7 +812,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 
 	bool background = hint->prio != CACHE_PRIO_DEMAND;
 	struct cache_fetch_hint h = *hint;
-	struct early_store es = {.d = d, .claims = claims, .a = a, .b = b, .next = a};
+	struct run_store rs = {.d = d, .a = a, .b = b, .next = a};
 
 	if (background) {
 		budget_take(len);
@@ -827,6 +827,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	} else if (!(buf = buf_get(len))) {
 		r = -ENOMEM;
 	} else {
+		rs.buf = buf;
 		if (dl && dl->answer && d->manifest_fd < 0) {
 			dl->d = d;
 			dl->buf = buf;
@@ -834,9 +835,9 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.progress = deliver_progress;
 			h.hooks.progress_opaque = dl;
 		} else if (background && d->manifest_fd < 0) {
-			es.buf = buf;
-			h.hooks.progress = early_store_progress;
-			h.hooks.progress_opaque = &es;
+			rs.claims = claims;
+			h.hooks.progress = run_store_progress;
+			h.hooks.progress_opaque = &rs;
 		}
 		if (!background)
 			atomic_fetch_add(&d->waiting, 1);
@@ -861,19 +862,15 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (r >= 0 && dl && (dl->answered || *dl->out) && storeq_push(d, claims, a, b, buf))
 			return 0; /* the job owns buf and the claims now */
-		if (es.buf) {
-			/* What progress did not store: all of it, from a source
-			 * that reports none (file://). */
-			if (r >= 0)
-				early_store_upto(&es, b + 1, true);
-			/* A failed fetch is reported as such (ESTALE must
-			 * fail the disk); the store's failure recurs. */
-			if (es.r < 0 && r >= 0) {
-				r = es.r;
-				local = true;
-			}
-		} else if (r >= 0) {
-			r = store_run(d, a, b, buf, background, &local);
+		/* What early stores did not store: all of it, from a source
+		 * that reports no progress (file://). */
+		if (r >= 0)
+			run_store_upto(&rs, b + 1, background);
+		/* A failed fetch is reported as such (ESTALE must fail the
+		 * disk); an early store's failure recurs. */
+		if (rs.r < 0 && r >= 0) {
+			r = rs.r;
+			local = true;
 		}
 		if (r >= 0 && hint->prio == CACHE_PRIO_STREAM)
 			stream_account(d, len);
