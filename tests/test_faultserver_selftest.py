@@ -47,6 +47,7 @@ class Harness:
             time.sleep(0.02)
         with open(port_file) as f:
             self.port = int(f.read())
+        self.requests = 0  # file requests sent: each logs one record
 
     def close(self):
         if self.proc.poll() is None:
@@ -64,6 +65,7 @@ class Harness:
     def request(self, method="GET", path=PATH, headers=None, conn=None):
         """Return (response, body) on a fresh connection unless one is given."""
         c = conn or self.conn()
+        self.requests += 1
         c.request(method, path, headers=headers or {})
         r = c.getresponse()
         body = r.read()
@@ -83,12 +85,13 @@ class Harness:
 
     def log_lines(self, n):
         """The last n log records, polling briefly: a line is written just
-        after the response is sent, so it may trail the client's read."""
+        after the response is sent, so it may trail the client's read.
+        Waits for the record of every request sent so far."""
         deadline = time.monotonic() + 2
         while True:
             with open(self.log) as f:
                 lines = [json.loads(x) for x in f]
-            if len(lines) >= n or time.monotonic() > deadline:
+            if len(lines) >= self.requests or time.monotonic() > deadline:
                 return lines[-n:]
             time.sleep(0.02)
 
