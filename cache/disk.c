@@ -509,7 +509,7 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 	if (r == -EOPNOTSUPP)
 		r = full_pwrite(d->img_fd, buf, len, off);
 	/* Counted once done, so a sync that reads the counter covers it. */
-	atomic_fetch_add(&d->writes_since_sync, 1);
+	atomic_fetch_add(&d->writes, 1);
 	/* Decided on every store (a failed fill may leave a mark behind, and
 	 * the chunk's next fetch need not bring zeros again).  The chunk is
 	 * still claimed: no write to it can race this. */
@@ -1007,17 +1007,22 @@ void cache_disk_forget_zeros(struct cache_disk *d)
 
 bool cache_disk_dirty(struct cache_disk *d)
 {
-	if (atomic_load(&d->writes_since_sync))
+	if (atomic_load(&d->writes) != atomic_load(&d->writes_synced))
 		return true;
 	LOCK_GUARD(&d->lock);
 	return d->dirty.count > 0;
+}
+
+uint64_t cache_disk_writes(struct cache_disk *d)
+{
+	return atomic_load(&d->writes);
 }
 
 int cache_disk_sync(struct cache_disk *d)
 {
 	LOCK_GUARD(&d->commit_lock);
 	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
-	uint64_t writes = atomic_load(&d->writes_since_sync);
+	uint64_t writes = atomic_load(&d->writes);
 	_cleanup_free_ uint8_t *copy = NULL;
 	_cleanup_free_ uint64_t *pages = NULL;
 	uint64_t ndirty = 0;
@@ -1051,7 +1056,7 @@ int cache_disk_sync(struct cache_disk *d)
 	if (fdatasync(d->img_fd) < 0)
 		r = -errno;
 	else
-		atomic_fetch_sub(&d->writes_since_sync, writes);
+		atomic_store(&d->writes_synced, writes);
 	for (uint64_t k = 0; r >= 0 && k < ndirty; k++) {
 		uint64_t start = pages[k] * DIRTY_PAGE_BYTES;
 		r = full_pwrite(d->meta_fd, copy + k * DIRTY_PAGE_BYTES,

@@ -42,7 +42,6 @@ struct stream {
 	unsigned nthreads;        /* threads started; guarded */
 	unsigned active;          /* workers with a chunk in hand; guarded */
 
-	uint64_t next_commit_ns;  /* when the streamer next syncs; guarded */
 	uint64_t run_chunks;      /* chunks per request now: starts at 1 and
 				   * doubles, so that a VM's first reads right
 				   * after a start never wait behind a big run */
@@ -115,7 +114,8 @@ struct cache_disk {
 	bool local_error;           /* ENOSPC/EIO on the image; cleared by start */
 	char error[256];            /* last error text; guarded by lock */
 
-	atomic_uint_fast64_t writes_since_sync; /* data writes not yet fdatasync'd */
+	atomic_uint_fast64_t writes;        /* data writes to the image, ever */
+	atomic_uint_fast64_t writes_synced; /* of those, fdatasync'd; under commit_lock */
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
 	atomic_uint_fast64_t demand_on_wire;    /* of those, requests under way */
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */

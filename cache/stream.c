@@ -32,7 +32,6 @@
 
 #define BACKOFF_MIN_NS 500000000ull   /* first retry after a failed chunk */
 #define BACKOFF_MAX_NS 30000000000ull /* never wait longer than this */
-#define COMMIT_EVERY_NS 2000000000ull /* batch streamed chunks' syncs */
 #define STREAM_NICE 10                /* streamer threads' nice value */
 #define YIELD_MAX_NS 50000000ull      /* longest a worker holds back for demand */
 #define YIELD_POLL_NS 500000ull       /* how often a held-back worker looks again */
@@ -324,20 +323,8 @@ static void *stream_worker(void *opaque)
 				 d->name, idx, strerror(-r),
 				 (double)(st->backoff_until - now_ns()) / 1e9);
 		}
-		bool commit = false;
-		now = now_ns();
-		if (now >= st->next_commit_ns) {
-			st->next_commit_ns = now + COMMIT_EVERY_NS;
-			commit = true;
-		}
+		/* Progress is saved by the mount's flusher (cache_disk_sync). */
 		pthread_cond_broadcast(&st->cond);
-		pthread_mutex_unlock(&st->lock);
-		if (commit) {
-			int c = cache_disk_sync(d);
-			if (c < 0)
-				log_err("disk %s: cannot save progress: %s", d->name, strerror(-c));
-		}
-		pthread_mutex_lock(&st->lock);
 	}
 	pthread_mutex_unlock(&st->lock);
 	return NULL;

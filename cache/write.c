@@ -125,7 +125,7 @@ static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_appl
 		bitmap_clear(&d->zero, i);
 	pthread_mutex_unlock(&d->lock);
 	r = apply(d, arg, off, len);
-	atomic_fetch_add(&d->writes_since_sync, 1);
+	atomic_fetch_add(&d->writes, 1);
 	if (r < 0)
 		note_fill_error(d, first, last, r, true);
 

@@ -21,6 +21,16 @@
 
 #define CONTROL_NAME ".control"
 
+/*
+ * Saving progress (cache_disk_sync) forces the kernel to write back every
+ * fetched byte at once; while a disk is being filled fast that writeback
+ * competes with the fill itself.  So a busy disk saves at most every
+ * commit= seconds, and a disk saves as soon as it has gone one flusher
+ * tick without a write.
+ */
+#define FS_COMMIT_DEFAULT_S 5
+#define FS_COMMIT_MAX_S 3600
+
 /* Mount options beyond FUSE's own; filled once by main(), then read-only. */
 struct mount_opts {
 	char *image_dir;
@@ -31,6 +41,7 @@ struct mount_opts {
 	char *speed;         /* RATE for every disk, NULL = keep each disk's own */
 	unsigned connections;
 	unsigned timeout;
+	char *commit;        /* SECONDS, NULL = FS_COMMIT_DEFAULT_S */
 	char *cafile, *capath, *cert, *key, *proxy, *header_file;
 	char *aws_sigv4, *aws_credentials;
 	int insecure;
@@ -54,6 +65,10 @@ struct mount_disk {
 	unsigned pt_opens;        /* descriptors open in passthrough */
 	int32_t backing_id;       /* the image's kernel backing id, 0 = none */
 	bool pt_used;             /* passthrough since the last cached open */
+
+	uint64_t flush_writes;    /* the flusher's last cache_disk_writes() reading */
+	uint64_t unsaved_since;   /* when the flusher first saw it dirty, 0 = clean;
+				   * both only touched by the flusher thread */
 };
 
 struct mount_ctx {
@@ -67,6 +82,7 @@ struct mount_ctx {
 	uint64_t default_chunk;     /* bytes, for add without chunk_size= */
 	uint64_t speed;             /* bytes/s from -o speed, valid if opts.speed */
 	unsigned depth;             /* streamer chunks in flight per disk */
+	uint64_t commit_ns;         /* longest a busy disk's progress goes unsaved */
 	uint64_t readahead;         /* bytes ahead of sequential readers, 0 = off */
 	struct fetch_pool *pool;
 

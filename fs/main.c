@@ -34,6 +34,7 @@ static const struct fuse_opt option_spec[] = {
 	OPT("speed=%s", speed, 0),
 	OPT("connections=%u", connections, 0),
 	OPT("timeout=%u", timeout, 0),
+	OPT("commit=%s", commit, 0),
 	OPT("cafile=%s", cafile, 0),
 	OPT("capath=%s", capath, 0),
 	OPT("cert=%s", cert, 0),
@@ -76,6 +77,8 @@ static void usage(FILE *out)
 		"  speed=RATE             streaming limit for every disk, bytes/s (K/M/G), 0 = none\n"
 		"  connections=N          parallel HTTP connections per mount (default %d)\n"
 		"  timeout=SECONDS        how long a read retries the network before EIO (default %d)\n"
+		"  commit=SECONDS         how long a busy disk's fetched data may go unsaved\n"
+		"                         (default %d; an idle disk saves its progress after 1 s)\n"
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
 		"  readahead=SIZE         fetch ahead of sequential readers (default 32M, 0 = off)\n"
@@ -93,7 +96,7 @@ static void usage(FILE *out)
 		"\n"
 		"FUSE options such as allow_other may be given with -o as well.\n"
 		"See streamfs(1).\n",
-		FETCH_DEFAULT_CONNECTIONS, FETCH_DEFAULT_TIMEOUT_S);
+		FETCH_DEFAULT_CONNECTIONS, FETCH_DEFAULT_TIMEOUT_S, FS_COMMIT_DEFAULT_S);
 }
 
 static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
@@ -136,7 +139,7 @@ static void opts_free(struct mount_opts *o)
 	char **strs[] = {&o->image_dir, &o->mountpoint, &o->stream, &o->speed, &o->cafile,
 			 &o->capath, &o->cert, &o->key, &o->proxy, &o->header_file,
 			 &o->aws_sigv4, &o->aws_credentials,
-			 &o->chunk_size, &o->debug_subsys, &o->readahead};
+			 &o->chunk_size, &o->debug_subsys, &o->readahead, &o->commit};
 	for (size_t i = 0; i < ARRAY_SIZE(strs); i++) {
 		free(*strs[i]);
 		*strs[i] = NULL;
@@ -190,6 +193,13 @@ static int opts_check(struct mount_ctx *m)
 	}
 	if (!o->timeout)
 		o->timeout = FETCH_DEFAULT_TIMEOUT_S;
+	uint64_t commit = FS_COMMIT_DEFAULT_S;
+	if (o->commit && (parse_u64(o->commit, &commit) < 0 || commit > FS_COMMIT_MAX_S)) {
+		fprintf(stderr, "streamfs: bad option commit=%s: use 1 to %d seconds\n", o->commit,
+			FS_COMMIT_MAX_S);
+		return -1;
+	}
+	m->commit_ns = (commit ? commit : FS_COMMIT_DEFAULT_S) * 1000000000ull;
 	/* The streamer leaves one connection to demand reads. */
 	m->depth = o->connections > 1 ? o->connections - 1 : 1;
 	if (o->debug_subsys && log_parse_debug(o->debug_subsys) < 0) {

@@ -254,6 +254,30 @@ int mount_add(struct mount_ctx *m, const struct fs_add_params *p, char *why, siz
 	return 0;
 }
 
+/* One flusher tick for one disk (see FS_COMMIT_DEFAULT_S). */
+static void flush_disk(const struct mount_ctx *m, struct mount_disk *md)
+{
+	uint64_t writes = cache_disk_writes(md->disk);
+	bool busy = writes != md->flush_writes;
+	uint64_t now = now_ns();
+
+	md->flush_writes = writes;
+	if (!cache_disk_dirty(md->disk)) {
+		md->unsaved_since = 0;
+		return;
+	}
+	if (!md->unsaved_since)
+		md->unsaved_since = now;
+	if (busy && now - md->unsaved_since < m->commit_ns)
+		return;
+	int r = cache_disk_sync(md->disk);
+	if (r < 0) {
+		log_err("disk %s: cannot save progress: %s", md->name, strerror(-r));
+		return;
+	}
+	md->unsaved_since = 0;
+}
+
 static void *flusher_main(void *opaque)
 {
 	struct mount_ctx *m = opaque;
@@ -268,13 +292,8 @@ static void *flusher_main(void *opaque)
 
 		size_t n = 0;
 		_cleanup_free_ struct mount_disk **list = mount_list(m, &n);
-		for (size_t i = 0; list && i < n; i++) {
-			if (!cache_disk_dirty(list[i]->disk))
-				continue;
-			int r = cache_disk_sync(list[i]->disk);
-			if (r < 0)
-				log_err("disk %s: cannot save progress: %s", list[i]->name, strerror(-r));
-		}
+		for (size_t i = 0; list && i < n; i++)
+			flush_disk(m, list[i]);
 		pthread_mutex_lock(&m->flush_lock);
 	}
 	pthread_mutex_unlock(&m->flush_lock);

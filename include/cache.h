@@ -214,6 +214,13 @@ int cache_disk_sync(struct cache_disk *d) __attribute__((warn_unused_result));
 bool cache_disk_dirty(struct cache_disk *d);
 
 /*
+ * How many times data were written to the image since the disk was
+ * opened (fetched chunks stored, writes applied): the flusher compares two
+ * readings to tell a busy disk from an idle one.
+ */
+uint64_t cache_disk_writes(struct cache_disk *d);
+
+/*
  * Forgets which chunks read as zeros (see cache_disk_prepare_read()): for
  * when the image may change behind the cache's back, as it does through a
  * writable passthrough descriptor's mmap.

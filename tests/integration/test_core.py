@@ -679,6 +679,26 @@ def test_mount_missing_image_dir():
         h.log(f"missing IMAGE_DIR ({'-f' if fg else 'daemon'}): rc {rc}: {line}")
 
 
+def test_bad_mount_options_refused():
+    t = template("small.img")
+    img = image_dir()
+    h.ctl_add(img, "s", "file://" + t.path)
+    before = {n: h.sha256_file(os.path.join(img, n)) for n in h.listdir_set(img)}
+    for opt in ("commit=3601", "commit=-1", "connections=65", "readahead=65M", "chunk_size=3M",
+                "stream=sometimes", "speed=fast", "debug=nosuch"):
+        mnt = ws().mkdir("mnt-badopt", unique=True)
+        rc, err = h.run_daemon_expect_failure(["-f", "-o", "stream=manual," + opt, img, mnt])
+        line = expect_one_line_error(f"streamfs -o {opt}", rc, err)
+        if opt not in line:
+            fail(f"the message for -o {opt} does not name the option: {line!r}")
+        h.log(f"-o {opt}: {line}")
+    after = {n: h.sha256_file(os.path.join(img, n)) for n in h.listdir_set(img)}
+    if after != before:
+        fail("a refused mount changed the image directory")
+    with h.Mount(ws(), img, opts=("stream=manual", "commit=3600")) as m:
+        expect_cmp(m.path("s"), t)
+
+
 def test_second_mount_refused():
     t = template("small.img")
     img = image_dir()

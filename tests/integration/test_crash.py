@@ -397,7 +397,8 @@ def test_kill9_mid_stream():
     mnt = ws().mkdir("mnt-mid")
     seen = set()
     for k, frac in enumerate((0.2, 0.45, 0.7)):
-        m = h.Mount(ws(), img, opts=("stream=auto", "speed=16M"), mnt=mnt).start()
+        # commit=1: progress of a busy disk saved every second or two
+        m = h.Mount(ws(), img, opts=("stream=auto", "speed=4M", "commit=1"), mnt=mnt).start()
         path = m.path("mid")
         target = int(t.size * frac)
         h.wait_until(lambda: int(xattr(path, "cached")) >= target, 60,
@@ -417,6 +418,8 @@ def test_kill9_mid_stream():
                          "other bytes")
         h.log(f"kill {k} at >= {frac:.0%}: {len(present)}/{nchunks} chunks persisted, "
               "all match the template")
+    if not seen:
+        fail("no chunk was saved as present in 7 s of streaming with commit=1")
     # Resume: the present chunks are not fetched again.
     ng.mark()
     with h.Mount(ws(), img, mnt=mnt) as m:
@@ -443,6 +446,63 @@ def test_kill9_mid_stream():
              f"flags {hdr['flags']:#x}")
     if h.sha256_file(os.path.join(img, "mid.img")) != t.sha256:
         fail("mid.img differs from the template after completion")
+    ng.stop()
+
+
+def test_progress_saved_when_idle_and_every_commit_while_busy():
+    """The flusher saves a disk's fetched chunks about a second after the
+    disk goes idle, whatever commit= says; while the disk stays busy it
+    saves them only every commit= seconds (saving forces the kernel to
+    write back everything fetched, which would slow the fill)."""
+    t = ws().template("commit.img", 64 * MiB)
+    chunk = MiB
+    tbytes = t.read()
+    ng = h.Nginx(ws()).start()
+    img = image_dir()
+    h.ctl_add(img, "c", ng.url(t.name), chunk_size="1M")
+    meta = os.path.join(img, "c.meta")
+    mnt = ws().mkdir("mnt-commit")
+
+    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0", "commit=3600"),
+                 mnt=mnt) as m:
+        path = m.path("c")
+        read = {3, 10, 11}
+        for c in sorted(read):
+            expect_equal(f"chunk {c}", pread_direct(path, c * chunk, BLOCK),
+                         tbytes[c * chunk:c * chunk + BLOCK])
+        t0 = time.monotonic()
+        h.wait_until(lambda: read <= read_meta(meta)[1], 5,
+                     "an idle disk's fetched chunks saved as present")
+        h.log(f"idle disk: chunks saved {time.monotonic() - t0:.1f} s after the reads")
+        if read_meta(meta)[1] != read:
+            fail(f"c.meta holds other chunks than those read: {sorted(read_meta(meta)[1])}")
+        # Busy: 2 MiB/s brings a chunk every half second, so the disk never
+        # goes a whole second without a write; commit=3600 saves nothing.
+        control(m, "speed c 2M")
+        control(m, "start c")
+        h.wait_until(lambda: int(xattr(path, "cached")) >= 8 * MiB, 30, "8 MiB cached")
+        time.sleep(3)
+        cached = int(xattr(path, "cached"))
+        saved = read_meta(meta)[1]
+        if saved != read:
+            fail(f"a busy disk with commit=3600 saved progress: {len(saved)} chunks "
+                 f"in c.meta, {cached // chunk} cached")
+        h.log(f"busy disk, commit=3600: {cached // chunk} chunks cached, still "
+              f"{len(saved)} saved")
+
+    with h.Mount(ws(), img, opts=("stream=auto", "speed=2M", "commit=1"), mnt=mnt) as m:
+        path = m.path("c")
+        start = read_meta(meta)[1]
+        h.wait_until(lambda: len(read_meta(meta)[1]) >= len(start) + 2, 6,
+                     "a busy disk's progress saved with commit=1")
+        state = xattr(path, "state")
+        if state != "streaming":
+            fail(f"state {state!r} when its progress was saved: the disk was not busy")
+        with open(os.path.join(img, "c.img"), "rb") as f:
+            for c in sorted(read_meta(meta)[1]):
+                f.seek(c * chunk)
+                if f.read(chunk) != tbytes[c * chunk:(c + 1) * chunk]:
+                    fail(f"chunk {c} is saved as present but c.img holds other bytes")
     ng.stop()
 
 
