@@ -134,6 +134,9 @@ struct cache_disk {
 /* Byte length of chunk idx (the last one may be short). */
 uint64_t disk_chunk_len(const struct cache_disk *d, uint64_t idx);
 
+/* Writes len bytes at off into the image, in pieces (see disk.c); 0 or -errno. */
+int disk_pwrite(struct cache_disk *d, const void *buf, uint64_t len, uint64_t off);
+
 /*
  * Makes chunks [first, last] present with the given hint, fetching absent
  * ones (claimed by this thread) and waiting for those in flight elsewhere.

@@ -31,7 +31,7 @@ typedef int disk_apply_fn(struct cache_disk *d, const void *arg, uint64_t off, s
 
 static int apply_write(struct cache_disk *d, const void *buf, uint64_t off, size_t len)
 {
-	return full_pwrite(d->img_fd, buf, len, off);
+	return disk_pwrite(d, buf, len, off);
 }
 
 static int apply_zero(struct cache_disk *d, const void *arg, uint64_t off, size_t len)
