@@ -78,7 +78,7 @@ static void usage(FILE *out)
 		"  connections=N          parallel HTTP connections per mount (default %d)\n"
 		"  timeout=SECONDS        how long a read retries the network before EIO (default %d)\n"
 		"  commit=SECONDS         how long a busy disk's fetched data may go unsaved\n"
-		"                         (default %d; an idle disk saves its progress after 1 s)\n"
+		"                         (1 to 3600, default %d; an idle disk saves within 2 s)\n"
 		"  chunk_size=SIZE        chunk size of disks added through the control file (default 1M)\n"
 		"  readonly               refuse writes to disks (EROFS)\n"
 		"  readahead=SIZE         fetch ahead of sequential readers (default 32M, 0 = off)\n"
@@ -194,12 +194,13 @@ static int opts_check(struct mount_ctx *m)
 	if (!o->timeout)
 		o->timeout = FETCH_DEFAULT_TIMEOUT_S;
 	uint64_t commit = FS_COMMIT_DEFAULT_S;
-	if (o->commit && (parse_u64(o->commit, &commit) < 0 || commit > FS_COMMIT_MAX_S)) {
+	if (o->commit && (parse_u64(o->commit, &commit) < 0 || !commit ||
+			  commit > FS_COMMIT_MAX_S)) {
 		fprintf(stderr, "streamfs: bad option commit=%s: use 1 to %d seconds\n", o->commit,
 			FS_COMMIT_MAX_S);
 		return -1;
 	}
-	m->commit_ns = (commit ? commit : FS_COMMIT_DEFAULT_S) * 1000000000ull;
+	m->commit_ns = commit * 1000000000ull;
 	/* The streamer leaves one connection to demand reads. */
 	m->depth = o->connections > 1 ? o->connections - 1 : 1;
 	if (o->debug_subsys && log_parse_debug(o->debug_subsys) < 0) {
@@ -281,7 +282,11 @@ int main(int argc, char **argv)
 	pthread_mutex_init(&m.add_lock, NULL);
 	pthread_rwlock_init(&m.disks_lock, NULL);
 	pthread_mutex_init(&m.flush_lock, NULL);
-	pthread_cond_init(&m.flush_cond, NULL);
+	pthread_condattr_t ca; /* a clock set back must not stall the flusher */
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&m.flush_cond, &ca);
+	pthread_condattr_destroy(&ca);
 
 	const struct fetch_opts fo = {
 		.connections = m.opts.connections,

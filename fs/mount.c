@@ -275,7 +275,8 @@ static void flush_disk(const struct mount_ctx *m, struct mount_disk *md)
 		log_err("disk %s: cannot save progress: %s", md->name, strerror(-r));
 		return;
 	}
-	md->unsaved_since = 0;
+	/* What was stored during the sync has been unsaved since at most now. */
+	md->unsaved_since = cache_disk_dirty(md->disk) ? now : 0;
 }
 
 static void *flusher_main(void *opaque)
@@ -284,8 +285,8 @@ static void *flusher_main(void *opaque)
 
 	pthread_mutex_lock(&m->flush_lock);
 	while (!m->flush_quit) {
-		struct timespec ts;
-		clock_gettime(CLOCK_REALTIME, &ts);
+		struct timespec ts; /* flush_cond runs on CLOCK_MONOTONIC */
+		clock_gettime(CLOCK_MONOTONIC, &ts);
 		ts.tv_sec += FLUSH_EVERY_S;
 		pthread_cond_timedwait(&m->flush_cond, &m->flush_lock, &ts);
 		pthread_mutex_unlock(&m->flush_lock);

@@ -684,7 +684,7 @@ def test_bad_mount_options_refused():
     img = image_dir()
     h.ctl_add(img, "s", "file://" + t.path)
     before = {n: h.sha256_file(os.path.join(img, n)) for n in h.listdir_set(img)}
-    for opt in ("commit=3601", "commit=-1", "connections=65", "readahead=65M", "chunk_size=3M",
+    for opt in ("commit=3601", "commit=-1", "commit=0", "commit=", "connections=65", "readahead=65M", "chunk_size=3M",
                 "stream=sometimes", "speed=fast", "debug=nosuch"):
         mnt = ws().mkdir("mnt-badopt", unique=True)
         rc, err = h.run_daemon_expect_failure(["-f", "-o", "stream=manual," + opt, img, mnt])

@@ -455,11 +455,11 @@ def test_progress_saved_when_idle_and_every_commit_while_busy():
     saves them only every commit= seconds (saving forces the kernel to
     write back everything fetched, which would slow the fill)."""
     t = ws().template("commit.img", 64 * MiB)
-    chunk = MiB
+    chunk = 256 * KiB
     tbytes = t.read()
     ng = h.Nginx(ws()).start()
     img = image_dir()
-    h.ctl_add(img, "c", ng.url(t.name), chunk_size="1M")
+    h.ctl_add(img, "c", ng.url(t.name), chunk_size="256K")
     meta = os.path.join(img, "c.meta")
     mnt = ws().mkdir("mnt-commit")
 
@@ -476,9 +476,9 @@ def test_progress_saved_when_idle_and_every_commit_while_busy():
         h.log(f"idle disk: chunks saved {time.monotonic() - t0:.1f} s after the reads")
         if read_meta(meta)[1] != read:
             fail(f"c.meta holds other chunks than those read: {sorted(read_meta(meta)[1])}")
-        # Busy: 2 MiB/s brings a chunk every half second, so the disk never
-        # goes a whole second without a write; commit=3600 saves nothing.
-        control(m, "speed c 2M")
+        # Busy: 8 MiB/s brings a chunk every 31 ms, so the disk never goes
+        # a whole second without a write; commit=3600 saves nothing.
+        control(m, "speed c 8M")
         control(m, "start c")
         h.wait_until(lambda: int(xattr(path, "cached")) >= 8 * MiB, 30, "8 MiB cached")
         time.sleep(3)
