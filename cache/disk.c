@@ -444,7 +444,7 @@ static void inflight_unref_locked(struct inflight *f)
  */
 void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result)
 {
-	if (result >= 0) {
+	if (result >= 0 && !atomic_load(&d->sync_error)) {
 		bitmap_set(&d->present, f->idx);
 		bitmap_set(&d->dirty, f->idx / DIRTY_PAGE_CHUNKS);
 	}
@@ -1030,6 +1030,9 @@ void cache_disk_forget_zeros(struct cache_disk *d)
 
 bool cache_disk_dirty(struct cache_disk *d)
 {
+	/* Nothing can be saved after a failed sync (see cache_disk_sync). */
+	if (atomic_load(&d->sync_error))
+		return false;
 	if (atomic_load(&d->writes) != atomic_load(&d->writes_synced))
 		return true;
 	LOCK_GUARD(&d->lock);
@@ -1041,9 +1044,52 @@ uint64_t cache_disk_writes(struct cache_disk *d)
 	return atomic_load(&d->writes);
 }
 
+/*
+ * After a failed fdatasync of the image, the kernel may have dropped the
+ * pages it could not write: a chunk stored since the last good sync may
+ * read back as anything, from the page cache or not, and a later
+ * fdatasync succeeds without it.  So the disk fails (absent data, writes
+ * and syncs then fail with EIO or this error, as after a template change)
+ * and forgets every chunk whose bit was not saved: only chunks known to
+ * be on the device are served.  Called with commit_lock held.
+ */
+static void sync_failed(struct cache_disk *d, int r)
+{
+	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
+	_cleanup_free_ uint8_t *saved = calloc(1, MAX(bm_bytes, 1u));
+	uint64_t forgot = 0;
+
+	atomic_store(&d->sync_error, r);
+	/* The meta file's bits were written only after their data synced. */
+	if (saved && pread(d->meta_fd, saved, bm_bytes, META_BITMAP_OFFSET) != (ssize_t)bm_bytes)
+		memset(saved, 0, bm_bytes);
+	disk_set_error(d, "cannot sync local image: %s; remount to recover", strerror(-r));
+	pthread_mutex_lock(&d->lock);
+	d->failed = true;
+	for (int64_t i = bitmap_next_set(&d->present, 0); i >= 0;
+	     i = bitmap_next_set(&d->present, (uint64_t)i + 1)) {
+		if (saved && saved[i / 8] >> (i % 8) & 1)
+			continue;
+		bitmap_clear(&d->present, (uint64_t)i);
+		bitmap_clear(&d->zero, (uint64_t)i);
+		forgot++;
+	}
+	pthread_mutex_unlock(&d->lock);
+	log_err("disk %s: cannot sync the local image: %s; the %" PRIu64 " chunks stored "
+		"since the last save now fail with EIO; remount to fetch them again",
+		d->name, strerror(-r), forgot);
+}
+
 int cache_disk_sync(struct cache_disk *d)
 {
 	LOCK_GUARD(&d->commit_lock);
+	/* After a failed fdatasync the kernel may have dropped the pages it
+	 * could not write, and a later fdatasync succeeds without them: no
+	 * bit set since the last good sync may be saved again.  They are
+	 * fetched again after a remount; writes since then were reported
+	 * lost by the failed fsync(2). */
+	if (atomic_load(&d->sync_error))
+		return atomic_load(&d->sync_error);
 	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
 	uint64_t writes = atomic_load(&d->writes);
 	_cleanup_free_ uint8_t *copy = NULL;
@@ -1076,10 +1122,12 @@ int cache_disk_sync(struct cache_disk *d)
 	 * returned, so this fdatasync makes all of them true on disk.  It
 	 * runs even when no write was counted: cheap on a clean file, and an
 	 * fsync(2) must never depend on bookkeeping to be honoured. */
-	if (fdatasync(d->img_fd) < 0)
+	if (fdatasync(d->img_fd) < 0) {
 		r = -errno;
-	else
-		atomic_store(&d->writes_synced, writes);
+		sync_failed(d, r);
+		return r;
+	}
+	atomic_store(&d->writes_synced, writes);
 	for (uint64_t k = 0; r >= 0 && k < ndirty; k++) {
 		uint64_t start = pages[k] * DIRTY_PAGE_BYTES;
 		r = full_pwrite(d->meta_fd, copy + k * DIRTY_PAGE_BYTES,

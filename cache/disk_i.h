@@ -116,6 +116,9 @@ struct cache_disk {
 
 	atomic_uint_fast64_t writes;        /* data writes to the image, ever */
 	atomic_uint_fast64_t writes_synced; /* of those, fdatasync'd; under commit_lock */
+	atomic_int sync_error;      /* -errno of a failed fdatasync of the image,
+				     * sticky until the disk is opened again;
+				     * set under commit_lock */
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
 	atomic_uint_fast64_t demand_on_wire;    /* of those, requests under way */
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */

@@ -47,7 +47,9 @@ void cache_disk_get_stats(struct cache_disk *d, struct cache_disk_stats *ret)
 	s.waiting = atomic_load(&d->waiting);
 	if (d->src.get_counters)
 		d->src.get_counters(d->src.opaque, &s.fetched, &s.errors);
-	if (s.present == s.chunks)
+	/* A disk whose progress cannot be saved is not done with its
+	 * template: the chunks fetched since the failed sync come again. */
+	if (s.present == s.chunks && !atomic_load(&d->sync_error))
 		s.state = CACHE_STATE_COMPLETE;
 	else if (failed || local_error)
 		s.state = CACHE_STATE_ERROR;

@@ -70,6 +70,8 @@ static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_appl
 		return 0;
 	if (off >= size)
 		return -ENOSPC;
+	if (atomic_load(&d->sync_error))
+		return -EIO; /* nothing written now could be made durable */
 	if (len > size - off)
 		len = (size_t)(size - off);
 	uint64_t first = off >> d->chunk_shift, last = (off + len - 1) >> d->chunk_shift;

@@ -206,7 +206,9 @@ int cache_disk_zero(struct cache_disk *d, uint64_t off, uint64_t len)
  * Makes all data written so far and the bitmap bits that cover them
  * durable: fdatasync of the image, then the dirty bitmap pages, then
  * fdatasync of the metadata.  Also records completion.  Returns 0 or
- * -errno.
+ * -errno.  A failed fdatasync of the image fails the disk for good (until
+ * it is opened again): the chunks stored since the last good sync are
+ * forgotten, and every later call returns that error.
  */
 int cache_disk_sync(struct cache_disk *d) __attribute__((warn_unused_result));
 

@@ -506,5 +506,134 @@ def test_progress_saved_when_idle_and_every_commit_while_busy():
     ng.stop()
 
 
+def small_ext4(size_mib):
+    """An ext4 file system on a loop device whose backing file lives on a
+    tmpfs of size_mib MiB, far smaller than the file system: writes into
+    it fail once the tmpfs is full, the way a thin volume runs out.
+    Returns (mountpoint, remount(), grow(mib)), or None where loop devices
+    cannot be used (fails instead with CI=true)."""
+    root = ws().mkdir("smallfs", unique=True)
+    back, mnt = os.path.join(root, "back"), os.path.join(root, "fs")
+    os.mkdir(back)
+    os.mkdir(mnt)
+    p = h.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}M", "tmpfs", back])
+    if p.returncode != 0:
+        return None
+    h.defer(lambda: h.run(["umount", back]), "umount tmpfs")
+    disk = os.path.join(back, "disk")
+    with open(disk, "wb") as f:
+        f.truncate(256 * MiB)
+    p = h.run(["losetup", "-f", "--show", disk])
+    if p.returncode != 0:
+        if h.IN_CI:
+            fail(f"losetup: {p.stderr_text.strip()}")
+        return None
+    loop = p.stdout_text.strip()
+    h.defer(lambda: h.run(["losetup", "-d", loop]), "losetup -d")
+    # Every metadata block written now, so that only data writes fail later.
+    h.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop],
+          check=True)
+    h.run(["mount", loop, mnt], check=True)
+    h.defer(lambda: h.run(["umount", mnt]), "umount ext4")
+
+    def remount():
+        h.run(["umount", mnt], check=True)
+        h.run(["mount", loop, mnt], check=True)
+
+    def grow(mib):
+        h.run(["mount", "-o", f"remount,size={mib}M", back], check=True)
+
+    return mnt, remount, grow
+
+
+def test_failed_image_sync_saves_no_progress():
+    """When the kernel cannot write the image back, fdatasync fails once
+    and, with the pages it could not write dropped, succeeds the next
+    time.  No bit set since the last good sync may be saved then: after a
+    remount every chunk marked present must hold the template's bytes."""
+    fs = small_ext4(40)
+    if fs is None:
+        h.log("SKIP: no loop device here; the failed-sync test did not run")
+        return
+    mnt_fs, remount, grow = fs
+    t = ws().template("sync.img", 48 * MiB)
+    tbytes = t.read()
+    chunk = MiB
+    ng = h.Nginx(ws()).start()
+    img = os.path.join(mnt_fs, "images")
+    os.mkdir(img)
+    h.ctl_add(img, "s", ng.url(t.name), chunk_size="1M")
+    allow = [r"cannot sync the local image", r"cannot save progress",
+             r"cannot save state of disk", r"fsync failed"]
+    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0", "commit=1"),
+                 allow=allow) as m:
+        path = m.path("s")
+        # 8 chunks fetched and saved while there is room (an idle disk
+        # saves within 2 s); then every chunk: more than the tmpfs under
+        # the file system can take.
+        first = set(range(8))
+        expect_equal("chunks 0-7", h.pread_all(path, 0, 8 * chunk), tbytes[:8 * chunk])
+        h.wait_until(lambda: first <= read_meta(os.path.join(img, "s.meta"))[1], 10,
+                     "chunks 0-7 saved")
+        p = h.run(["cmp", path, t.path], timeout=120)
+        if p.returncode != 0:
+            fail(f"cmp before the failed sync: {p.stdout_text.strip()}")
+        h.wait_until(lambda: "sync" in xattr(path, "error"), 10,
+                     "the failed sync reported in user.streamfs.error")
+        h.log(f"error: {xattr(path, 'error')!r}; state {xattr(path, 'state')!r}")
+        if xattr(path, "state") != "error":
+            fail(f"state {xattr(path, 'state')!r} after a failed sync, expected error")
+        time.sleep(2.5)  # two more flusher ticks: a retry would succeed now
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.fsync(fd)
+            fail("fsync of the disk succeeded after its image could not be synced")
+        except OSError as e:
+            h.log(f"fsync after the failed sync: {e}")
+        finally:
+            try:
+                os.close(fd)  # a writer's close syncs too, and fails alike
+                fail("close of a writer succeeded after its image could not be synced")
+            except OSError as e:
+                h.log(f"close after the failed sync: {e}")
+        # Every chunk reads as the template's bytes (saved before the
+        # failure) or fails with EIO; none reads as what the device lost.
+        # O_DIRECT: past the kernel's cache of the mounted file, which may
+        # still hold what the first cmp read.
+        eio = 0
+        for c in range(-(-t.size // chunk)):
+            try:
+                got = pread_direct(path, c * chunk, 128 * KiB)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    fail(f"read of chunk {c} after the failed sync: {e}")
+                eio += 1
+                continue
+            if got != tbytes[c * chunk:c * chunk + 128 * KiB]:
+                fail(f"chunk {c} reads as other bytes than the template's after the "
+                     "failed sync")
+        h.log(f"after the failed sync: {eio} chunks fail with EIO, the rest read right")
+        if not eio:
+            fail("no chunk fails after the failed sync: was anything lost at all?")
+    remount()  # forget the page cache: read what reached the device
+    hdr, present = read_meta(os.path.join(img, "s.meta"))
+    with open(os.path.join(img, "s.img"), "rb") as f:
+        for c in sorted(present):
+            f.seek(c * chunk)
+            if f.read(chunk) != tbytes[c * chunk:(c + 1) * chunk]:
+                fail(f"chunk {c} is saved as present but its data never reached the "
+                     f"device ({len(present)} chunks saved)")
+    if not first <= present:
+        fail(f"chunks saved before the failure are no longer present: {sorted(first - present)}")
+    h.log(f"{len(present)} chunks saved as present, all hold the template's bytes")
+    # With room again, a new mount fetches what was lost.
+    grow(160)
+    with h.Mount(ws(), img, opts=("stream=manual",)) as m:
+        p = h.run(["cmp", m.path("s"), t.path], timeout=120)
+        if p.returncode != 0:
+            fail(f"cmp after the remount: {p.stdout_text.strip()}")
+    ng.stop()
+
+
 if __name__ == "__main__":
     h.main(globals())
