@@ -34,12 +34,18 @@ static pthread_mutex_t budget_lock = PTHREAD_MUTEX_INITIALIZER; /* leaf */
 static pthread_cond_t budget_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t budget_used; /* guarded by budget_lock */
 
-/* Waits until len bytes of background buffer budget are free, takes them. */
+/*
+ * Waits until len bytes of background buffer budget are free, takes them.
+ * A request of more than half the budget (a 16M chunk) may still run
+ * beside one other: alone, one 16 MiB request at a time streamed below a
+ * single curl at 20 ms.  So the bound is max(budget, 2 x largest chunk).
+ */
 static void budget_take(uint64_t len)
 {
+	uint64_t limit = MAX((uint64_t)BACKGROUND_BUFFER_BUDGET, 2 * len);
+
 	LOCK_GUARD(&budget_lock);
-	/* A single request larger than the budget runs alone. */
-	while (budget_used && budget_used + len > BACKGROUND_BUFFER_BUDGET)
+	while (budget_used && budget_used + len > limit)
 		pthread_cond_wait(&budget_cond, &budget_lock);
 	budget_used += len;
 }

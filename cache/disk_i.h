@@ -166,8 +166,9 @@ uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
 
 /*
  * Background fills (streamer, read-ahead) of all disks together hold at
- * most this much in fetch buffers, so memory stays bounded whatever the
- * number of disks and connections; demand fills are never held back.
+ * most this much in fetch buffers (or two chunks, for chunks larger than
+ * half of it), so memory stays bounded whatever the number of disks and
+ * connections; demand fills are never held back.
  */
 #define BACKGROUND_BUFFER_BUDGET (24u << 20)
 

@@ -550,6 +550,34 @@ def test_streamer_run_stored_chunk_by_chunk():
     srv.stop()
 
 
+def test_16m_chunks_stream_two_requests_at_once():
+    # The background buffer budget is 24 MiB: a 16 MiB chunk would leave
+    # the streamer one request at a time, slower than a single curl at
+    # 20 ms.  A chunk of more than half the budget may run beside another.
+    # Every transfer is slowed to 16 MiB/s, so each request takes 1 s.
+    t = template("f-16m.img", 64 * MiB)
+    srv = FaultServer(ws()).start()
+    img = image_dir()
+    h.ctl_add(img, "big", srv.url(t.name), chunk_size="16M")
+    srv.mark()
+    srv.set_rules([rule("slow", t, rate=16 * MiB)])
+    with h.Mount(ws(), img, opts=("stream=manual", "connections=3")) as m:
+        path = m.path("big")
+        control(m, "start big\n")
+        h.wait_until(lambda: xattr(path, "state") == "complete", 30, "big complete")
+    gets = sorted((r for r in srv.records("/" + t.name) if r["method"] == "GET"),
+                  key=lambda r: r["time"])
+    if len(gets) != 4:
+        fail(f"{len(gets)} GETs for 4 chunks of 16 MiB:\n{show(gets)}")
+    gap = gets[1]["time"] - gets[0]["time"]
+    h.log(f"the streamer's first two 16 MiB requests started {gap:.2f} s apart")
+    if gap > 0.5:
+        fail(f"the second 16 MiB request started {gap:.2f} s after the first (each takes "
+             f"1 s): one background request at a time\n{show(gets)}")
+    check_image_region(img, "big", t, 0, t.size, "16M chunks")
+    srv.stop()
+
+
 def test_status_5xx_429_retried():
     t, srv, img = setup("status")
     with h.Mount(ws(), img) as m:
