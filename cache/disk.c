@@ -1061,26 +1061,30 @@ uint64_t cache_disk_writes(struct cache_disk *d)
  */
 static void sync_failed(struct cache_disk *d, int r)
 {
-	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
-	_cleanup_free_ uint8_t *saved = calloc(1, MAX(bm_bytes, 1u));
+	struct bitmap saved = {0};
+	struct meta m = {0};
+	char why[160];
 	uint64_t forgot = 0;
 
 	atomic_store(&d->sync_error, r);
-	/* The meta file's bits were written only after their data synced. */
-	if (saved && pread(d->meta_fd, saved, bm_bytes, META_BITMAP_OFFSET) != (ssize_t)bm_bytes)
-		memset(saved, 0, bm_bytes);
+	/* The meta file's bits were written only after their data synced.
+	 * If it cannot be read back, nothing counts as saved. */
+	bool have_saved = meta_load(d->meta_fd, &m, &saved, why, sizeof(why)) >= 0;
+	meta_clear(&m);
 	disk_set_error(d, "cannot sync local image: %s; remount to recover", strerror(-r));
 	pthread_mutex_lock(&d->lock);
 	d->failed = true;
 	for (int64_t i = bitmap_next_set(&d->present, 0); i >= 0;
 	     i = bitmap_next_set(&d->present, (uint64_t)i + 1)) {
-		if (saved && saved[i / 8] >> (i % 8) & 1)
+		if (have_saved && bitmap_get(&saved, (uint64_t)i))
 			continue;
 		bitmap_clear(&d->present, (uint64_t)i);
 		bitmap_clear(&d->zero, (uint64_t)i);
 		forgot++;
 	}
 	pthread_mutex_unlock(&d->lock);
+	if (have_saved)
+		bitmap_destroy(&saved);
 	log_err("disk %s: cannot sync the local image: %s; the %" PRIu64 " chunks stored "
 		"since the last save now fail with EIO; remount to fetch them again",
 		d->name, strerror(-r), forgot);
@@ -1089,11 +1093,7 @@ static void sync_failed(struct cache_disk *d, int r)
 int cache_disk_sync(struct cache_disk *d)
 {
 	LOCK_GUARD(&d->commit_lock);
-	/* After a failed fdatasync the kernel may have dropped the pages it
-	 * could not write, and a later fdatasync succeeds without them: no
-	 * bit set since the last good sync may be saved again.  They are
-	 * fetched again after a remount; writes since then were reported
-	 * lost by the failed fsync(2). */
+	/* Never again after a failed fdatasync of the image (sync_failed). */
 	if (atomic_load(&d->sync_error))
 		return atomic_load(&d->sync_error);
 	uint64_t bm_bytes = bitmap_bytes(d->nchunks);
