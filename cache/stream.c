@@ -39,13 +39,9 @@
 void stream_init(struct cache_disk *d)
 {
 	struct stream *st = &d->st;
-	pthread_condattr_t ca;
 
 	pthread_mutex_init(&st->lock, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&st->cond, &ca);
-	pthread_condattr_destroy(&ca);
+	cond_init_monotonic(&st->cond);
 	st->mode = STREAM_IDLE;
 	st->depth = 2;
 	ratelimit_init(&st->rl, d->meta.speed, now_ns());

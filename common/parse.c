@@ -204,6 +204,16 @@ bool buf_is_zero(const void *p, size_t len)
 	return memcmp(b, b + 16, len - 16) == 0;
 }
 
+void cond_init_monotonic(pthread_cond_t *c)
+{
+	pthread_condattr_t ca;
+
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(c, &ca);
+	pthread_condattr_destroy(&ca);
+}
+
 uint64_t now_ns(void)
 {
 	struct timespec ts;

@@ -282,11 +282,7 @@ int main(int argc, char **argv)
 	pthread_mutex_init(&m.add_lock, NULL);
 	pthread_rwlock_init(&m.disks_lock, NULL);
 	pthread_mutex_init(&m.flush_lock, NULL);
-	pthread_condattr_t ca; /* a clock set back must not stall the flusher */
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&m.flush_cond, &ca);
-	pthread_condattr_destroy(&ca);
+	cond_init_monotonic(&m.flush_cond);
 
 	const struct fetch_opts fo = {
 		.connections = m.opts.connections,

@@ -7,6 +7,7 @@
 #ifndef STREAMFS_UTIL_H
 #define STREAMFS_UTIL_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -74,5 +75,9 @@ bool buf_is_zero(const void *p, size_t len);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t now_ns(void);
+
+/* Initialises c so that its timed waits run on now_ns()'s clock: a clock
+ * set back must not stall a waiter. */
+void cond_init_monotonic(pthread_cond_t *c);
 
 #endif
