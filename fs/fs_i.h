@@ -12,6 +12,7 @@
 #include <fuse.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -50,6 +51,7 @@ struct mount_opts {
 	char *readahead;     /* SIZE, NULL = default for the stream mode */
 	char *debug_subsys;  /* -o debug=fetch,cache,... */
 	int nopassthrough;   /* never serve complete disks by FUSE passthrough */
+	int nodirectio;      /* open incomplete disks page-cached, not direct-io */
 	int show_help;
 	int show_version;
 };
@@ -60,11 +62,12 @@ struct mount_disk {
 	struct cache_disk *disk;
 	struct fetch_template *tpl;
 
-	pthread_mutex_t pt_lock;  /* protects the four below; taken before the disk's */
+	pthread_mutex_t pt_lock;  /* protects the five below; taken before the disk's */
 	unsigned cached_opens;    /* descriptors open through the page cache */
+	unsigned direct_opens;    /* descriptors open in direct-io mode */
 	unsigned pt_opens;        /* descriptors open in passthrough */
 	int32_t backing_id;       /* the image's kernel backing id, 0 = none */
-	bool pt_used;             /* passthrough since the last cached open */
+	bool cache_bypassed;      /* passthrough or direct-io since the last cached open */
 
 	uint64_t flush_writes;    /* the flusher's last cache_disk_writes() reading */
 	uint64_t unsaved_since;   /* when the flusher first saw it dirty, 0 = clean;
@@ -138,14 +141,21 @@ void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 /* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
 char *fs_status_line(struct mount_disk *md);
 
+/* The largest read or write one FUSE request carries (libfuse 3.14's
+ * default max_write and max_pages), the st_blksize of every disk. */
+#define FS_IO_SIZE (1024 * 1024)
+
 /* devio.c; a disk's fi->fh is its mount_disk | these bits. */
 #define FS_FH_PASSTHROUGH ((uint64_t)2) /* opened in passthrough mode */
 #define FS_FH_WRITABLE ((uint64_t)4)    /* opened for writing (set by fs_open) */
-#define FS_FH_FLAGS ((uint64_t)7)
+#define FS_FH_DIRECT ((uint64_t)8)      /* opened in direct-io mode */
+#define FS_FH_FLAGS ((uint64_t)15)
+_Static_assert(_Alignof(max_align_t) > FS_FH_FLAGS, "calloc()'d disks leave FS_FH_* free");
 /* Hooks the mounted session's device I/O (passthrough, early answers). */
 int fs_devio_install(struct fuse_session *se) __attribute__((warn_unused_result));
-/* Passthrough is used only once enabled (not with -o nopassthrough). */
-void fs_passthrough_enable(bool on);
+/* Passthrough and direct-io are used only once enabled (not with
+ * -o nopassthrough, -o nodirectio). */
+void fs_open_modes_enable(bool passthrough, bool direct_io);
 /* Replies to the READ this thread serves with len zero bytes; false if it
  * cannot (then libfuse replies as usual). */
 bool fs_answer_zeros(size_t len);
@@ -153,10 +163,11 @@ bool fs_answer_zeros(size_t len);
 bool fs_answer_ready(void);
 /* A cache_answer_fn: replies to the READ this thread serves with data. */
 bool fs_answer_now(void *opaque, const void *data, size_t len);
-/* Chooses passthrough or the page cache for this open of md; sets fi. */
-void fs_passthrough_open(struct mount_disk *md, struct fuse_file_info *fi);
-/* The release of a descriptor opened with fs_passthrough_open(). */
-void fs_passthrough_release(struct mount_disk *md, uint64_t fh);
+/* Chooses passthrough, direct-io or the page cache for this open of md;
+ * sets fi. */
+void fs_open_mode(struct mount_disk *md, struct fuse_file_info *fi);
+/* The release of a descriptor opened with fs_open_mode(). */
+void fs_open_mode_release(struct mount_disk *md, uint64_t fh);
 
 /* ops.c */
 extern const struct fuse_operations fs_ops;

@@ -46,6 +46,7 @@ static const struct fuse_opt option_spec[] = {
 	OPT("insecure", insecure, 1),
 	OPT("readonly", readonly, 1),
 	OPT("nopassthrough", nopassthrough, 1),
+	OPT("nodirectio", nodirectio, 1),
 	OPT("chunk_size=%s", chunk_size, 0),
 	OPT("readahead=%s", readahead, 0),
 	OPT("debug=%s", debug_subsys, 0),
@@ -84,6 +85,8 @@ static void usage(FILE *out)
 		"  readahead=SIZE         fetch ahead of sequential readers (default 32M, 0 = off)\n"
 		"  nopassthrough          serve complete disks through the daemon, never by\n"
 		"                         kernel FUSE passthrough\n"
+		"  nodirectio             open incomplete disks through the kernel page cache,\n"
+		"                         not in direct-io mode\n"
 		"  cafile=FILE, capath=DIR  CA certificates for https templates\n"
 		"  cert=FILE, key=FILE    TLS client certificate and key\n"
 		"  insecure               do not verify TLS certificates (logs a warning)\n"
@@ -324,7 +327,7 @@ int main(int argc, char **argv)
 	if (fs_devio_install(fuse_get_session(fuse)) < 0)
 		fprintf(stderr, "streamfs: warning: cannot hook FUSE device I/O: no passthrough, "
 			"cold reads wait for whole chunks\n");
-	fs_passthrough_enable(!m.opts.nopassthrough);
+	fs_open_modes_enable(!m.opts.nopassthrough, !m.opts.nodirectio);
 	if (fuse_daemonize(m.opts.foreground) != 0)
 		goto out_unmount;
 	if (!m.opts.foreground)

@@ -90,6 +90,9 @@ static int fs_getattr(const char *path, struct stat *st, struct fuse_file_info *
 		st->st_mode &= ~(mode_t)0222;
 	st->st_nlink = 1;
 	st->st_size = (off_t)cache_disk_size(md->disk);
+	/* Buffered readers (stdio, cmp, cp) size their reads by this: in
+	 * direct-io mode each read is a request to the daemon. */
+	st->st_blksize = FS_IO_SIZE;
 	return 0;
 }
 
@@ -133,7 +136,7 @@ static int fs_open(const char *path, struct fuse_file_info *fi)
 	/* The page cache cannot go stale: every change to a disk's bytes
 	 * comes through this mount, and absent data are never cached. */
 	fi->keep_cache = 1;
-	fs_passthrough_open(md, fi);
+	fs_open_mode(md, fi);
 	return 0;
 }
 
@@ -242,7 +245,7 @@ static int fs_release(const char *path, struct fuse_file_info *fi)
 	if (fh_is_control(fi))
 		fs_control_release(fi);
 	else if (fi->fh)
-		fs_passthrough_release(disk_of(NULL, fi), fi->fh);
+		fs_open_mode_release(disk_of(NULL, fi), fi->fh);
 	return 0;
 }
 

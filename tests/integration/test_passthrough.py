@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: MIT
-"""FUSE passthrough of complete disks: a read-only open of a complete disk
+"""How opens are served.  An open of an incomplete disk is in direct-io
+mode: even a re-read of present data waits for the daemon, shared mmap
+works, and later opens join that mode until it is closed.  FUSE
+passthrough of complete disks: a read-only open of a complete disk
 is served by the kernel from the local image, so it reads every byte
 correctly while the daemon is stopped (SIGSTOP); the kernel's rule that
 the opens of one file are all passthrough or all page-cached is never
 broken (which would fail open(2) with EIO); a write next to a passthrough
 descriptor is seen by it and by later page-cached opens; a writable open
 that joins passthrough cannot write past the disk's end; -o nopassthrough
-keeps every read in the daemon.
+keeps every read in the daemon, -o nodirectio keeps incomplete disks
+page-cached.
 
 Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN.  Without them the tests
 say so and check only that opens and reads still work (CI=true: fail).
@@ -15,6 +19,7 @@ Run: python3 tests/integration/test_passthrough.py [test_name...]
 """
 
 import errno
+import mmap
 import os
 import platform
 import signal
@@ -130,8 +135,8 @@ def test_complete_disk_is_read_without_the_daemon():
 
 
 def test_open_modes_never_mix():
-    """Descriptors opened before completion stay page-cached and later
-    opens join them; once a passthrough descriptor is open, a writable
+    """Descriptors opened before completion stay in direct-io mode and
+    later opens join them; once a passthrough descriptor is open, a writable
     open joins it; its write is read back through passthrough and, after
     every passthrough descriptor is closed, through the page cache, which
     had cached the old bytes of that page."""
@@ -145,16 +150,16 @@ def test_open_modes_never_mix():
         disk = m.path("modes")
         page = 3 * MiB + 8192
 
-        # Page-cached descriptor, open before the disk is complete.
+        # Direct-io descriptor, open before the disk is complete.
         a = os.open(disk, os.O_RDWR)
         if os.pread(a, 4096, page) != t.read(page, 4096):
             fail("read before completion differs from the template")
         if h.control_send(m.mnt, "start modes\n")[1].split()[0] != "ok":
             fail("start refused")
         h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "modes complete")
-        b = os.open(disk, os.O_RDONLY)  # must join a's mode: EIO otherwise
+        b = os.open(disk, os.O_RDONLY)  # must join a's mode
         if os.pread(b, 65536, 0) != t.read(0, 65536):
-            fail("read-only open next to a page-cached one reads wrong bytes")
+            fail("read-only open next to a direct-io one reads wrong bytes")
         os.close(b)
         os.close(a)
 
@@ -221,6 +226,109 @@ def test_writable_open_joining_passthrough_stays_inside_the_disk():
         fail("the disk is not its template plus the one write after remount")
     m2.stop()
     ng.stop()
+
+
+def test_incomplete_disk_is_read_in_direct_io_mode():
+    """A descriptor of an incomplete disk re-reads even present data
+    through the daemon (no FUSE page cache: the image's is enough);
+    shared mmap of it reads and writes; a descriptor opened after the disk
+    completed, while the first is still open, is in direct-io mode too;
+    once both are closed, a new open is served by passthrough.  The disk's
+    st_blksize asks buffered readers for 1 MiB reads."""
+    expected = passthrough_expected()
+    size = 8 * MiB
+    t = ws().template("dio.raw", size)
+    img = ws().mkdir("images", unique=True)
+    with h.Nginx(ws()) as ng:
+        h.ctl_add(img, "dio", ng.url(t.name))
+        m = h.Mount(ws(), img, opts=("stream=manual",)).start()
+        disk = m.path("dio")
+        if os.stat(disk).st_blksize != MiB:
+            fail(f"st_blksize is {os.stat(disk).st_blksize}, expected 1 MiB")
+        a = os.open(disk, os.O_RDWR)
+        try:
+            if os.pread(a, 65536, 3 * MiB) != t.read(3 * MiB, 65536):
+                fail("cold read differs from the template")
+            early, data = while_stopped(m, lambda: os.pread(a, 65536, 3 * MiB), 1.0)
+            if early:
+                fail("a re-read of an incomplete disk was served from the FUSE page cache")
+            if data != t.read(3 * MiB, 65536):
+                fail("re-read through the daemon differs from the template")
+            mmap_shared(a, t, 5 * MiB + 4096)
+            if h.control_send(m.mnt, "start dio\n")[1].split()[0] != "ok":
+                fail("start refused")
+            h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "dio complete")
+            b = os.open(disk, os.O_RDONLY)
+            try:
+                os.pread(b, 65536, 0)  # page-cached, this would keep it
+                early, data = while_stopped(m, lambda: os.pread(b, 65536, 0), 1.0)
+            finally:
+                os.close(b)
+            if early:
+                fail("an open next to a direct-io descriptor did not join its mode")
+            if data != t.read(0, 65536):
+                fail("read next to a direct-io descriptor differs from the template")
+        finally:
+            os.close(a)
+        if expected:
+            c = os.open(disk, os.O_RDONLY)
+            try:
+                early, data = while_stopped(m, lambda: os.pread(c, 65536, MiB), 20)
+            finally:
+                os.close(c)
+            if not early or data != t.read(MiB, 65536):
+                fail("no passthrough once the direct-io descriptors were closed")
+        m.stop()
+    with open(os.path.join(img, "dio.img"), "rb") as f:
+        f.seek(5 * MiB + 4096)
+        if f.read(4) != b"MMAP":
+            fail("the shared-mmap write did not reach the local image")
+
+
+def mmap_shared(fd, t, off):
+    """Reads and writes through a shared mapping of a direct-io descriptor
+    (FUSE_DIRECT_IO_ALLOW_MMAP, Linux >= 6.6; older kernels refuse it)."""
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    try:
+        mm = mmap.mmap(fd, 2 * MiB, mmap.MAP_SHARED, offset=4 * MiB)
+    except OSError as e:
+        if e.errno == errno.ENODEV and release < (6, 6):
+            h.log(f"shared mmap not checked: kernel {platform.release()} predates 6.6")
+            return
+        fail(f"shared mmap of an incomplete disk failed: {e!r}")
+    try:
+        rel = off - 4 * MiB
+        if mm[rel:rel + 4096] != t.read(off, 4096):
+            fail("shared mmap reads other bytes than the template")
+        mm[rel:rel + 4] = b"MMAP"
+        mm.flush()
+    finally:
+        mm.close()
+    if os.pread(fd, 4, off) != b"MMAP":
+        fail("a write through the shared mapping is not read back")
+
+
+def test_nodirectio_keeps_incomplete_disks_page_cached():
+    """With -o nodirectio a re-read of present data of an incomplete
+    disk comes from the page cache, even while the daemon is stopped."""
+    size = 4 * MiB
+    t = ws().template("nodio.raw", size)
+    img = ws().mkdir("images", unique=True)
+    with h.Nginx(ws()) as ng:
+        h.ctl_add(img, "nodio", ng.url(t.name))
+        m = h.Mount(ws(), img, opts=("stream=manual", "nodirectio")).start()
+        fd = os.open(m.path("nodio"), os.O_RDONLY)
+        try:
+            if os.pread(fd, 65536, MiB) != t.read(MiB, 65536):
+                fail("cold read differs from the template")
+            early, data = while_stopped(m, lambda: os.pread(fd, 65536, MiB), 20)
+        finally:
+            os.close(fd)
+        if not early or data != t.read(MiB, 65536):
+            fail("with nodirectio a re-read did not come from the page cache")
+        if xattr(m.path("nodio"), "state") == "complete":
+            fail("the disk completed: the test proves nothing")
+        m.stop()
 
 
 def test_nopassthrough_keeps_reads_in_the_daemon():
