@@ -25,7 +25,11 @@
  * a request each (about 4 GB/s, 6 us for 4 KiB here, against 20 GB/s
  * and 1 us page-cached), and the same bytes are no longer cached twice.
  * st_blksize (FS_IO_SIZE) has buffered readers ask for whole requests.
- * -o nodirectio opens incomplete disks page-cached instead.
+ * mmap, and on some kernels splice and sendfile, still go through the
+ * FUSE file's page cache; direct-io writes invalidate what they cover.
+ * Direct-io is used only when the kernel takes FUSE_DIRECT_IO_ALLOW_MMAP
+ * (6.6), so that shared mmap works; -o nodirectio, an older kernel or a
+ * missing device hook leave incomplete disks page-cached as before.
  * A disk that completes keeps its direct-io descriptors as they are.
  * The kernel keeps such descriptors out of its io-mode rule below, but
  * one that is mmapped shared joins the page-cached ones, so they count
@@ -94,6 +98,8 @@ static struct {
 	atomic_bool init_seen;  /* the first reply (INIT's) went out */
 	atomic_bool offered;    /* the kernel was told we use passthrough */
 	atomic_bool broken;     /* a backing open failed: never try again */
+	atomic_bool dio_mmap_known;  /* INIT: the kernel knows FUSE_DIRECT_IO_ALLOW_MMAP */
+	atomic_bool dio_usable;      /* ... and our INIT reply set it */
 } pt = {.devfd = -1};
 
 /* The open reply this thread is about to send, if chosen for passthrough. */
@@ -121,16 +127,20 @@ static void patch_init(struct iovec *iov, int count, struct fuse_init_out *copy)
 	memcpy(copy, iov[1].iov_base, sizeof(*copy));
 	if (copy->major != FUSE_KERNEL_VERSION || !(copy->flags & FUSE_INIT_EXT))
 		return;
-	/* Shared mmap of incomplete disks (open in direct-io mode); kernels
-	 * before 6.6 ignore the flag and refuse such mmaps with ENODEV. */
-	copy->flags2 |= DIO_MMAP_INIT_FLAG2;
-	iov[1].iov_base = copy;
+	/* Without it shared mmap of a direct-io file fails, so direct-io is
+	 * used only where the kernel (>= 6.6) takes it. */
+	if (atomic_load(&pt.dio_mmap_known)) {
+		copy->flags2 |= DIO_MMAP_INIT_FLAG2;
+		iov[1].iov_base = copy;
+		atomic_store(&pt.dio_usable, true);
+	}
 	/* The kernel refuses passthrough alongside the writeback cache (which
 	 * streamfs does not use). */
 	if (!pt.enabled || (copy->flags & FUSE_WRITEBACK_CACHE))
 		return;
 	copy->flags2 |= PT_INIT_FLAG2;
 	copy->unused[0] = 1; /* max_stack_depth: images sit on a plain filesystem */
+	iov[1].iov_base = copy;
 	atomic_store(&pt.offered, true);
 }
 
@@ -206,6 +216,13 @@ static ssize_t devio_read(int fd, void *buf, size_t len, void *userdata)
 		cur.fd = fd;
 		cur.unique = in->unique;
 		cur.opcode = in->opcode;
+		/* Kernels before 7.36 send a shorter INIT without flags2. */
+		const struct fuse_init_in *init = (const void *)(in + 1);
+		if (in->opcode == FUSE_INIT &&
+		    (size_t)n >= sizeof(*in) + offsetof(struct fuse_init_in, unused) &&
+		    init->major == FUSE_KERNEL_VERSION && (init->flags & FUSE_INIT_EXT) &&
+		    (init->flags2 & DIO_MMAP_INIT_FLAG2))
+			atomic_store(&pt.dio_mmap_known, true);
 	}
 	return n;
 }
@@ -344,15 +361,14 @@ void fs_open_mode(struct mount_disk *md, struct fuse_file_info *fi)
 		return;
 	}
 	/* An incomplete disk is read in direct-io mode: see the top of this
-	 * file.  So are new opens while such a descriptor is open, so that no
-	 * page-cached descriptor sees the inode's cache while direct-io writes
-	 * go around it. */
-	if (md->direct_opens || (!complete && pt.direct_io)) {
+	 * file.  So are new opens while such a descriptor is open, so that a
+	 * page-cached descriptor and direct-io writes never meet (except
+	 * after a failed sync, when writes fail). */
+	if (md->direct_opens || (!complete && pt.direct_io && atomic_load(&pt.dio_usable))) {
 		md->direct_opens++;
 		md->cache_bypassed = true;
 		fi->fh |= FS_FH_DIRECT;
 		fi->direct_io = 1;
-		fi->keep_cache = 0;
 		return;
 	}
 	md->cached_opens++;

@@ -142,7 +142,8 @@ void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 char *fs_status_line(struct mount_disk *md);
 
 /* The largest read or write one FUSE request carries (libfuse 3.14's
- * default max_write and max_pages), the st_blksize of every disk. */
+ * default max_write, and max_pages with 4 KiB pages), the st_blksize of
+ * every disk. */
 #define FS_IO_SIZE (1024 * 1024)
 
 /* devio.c; a disk's fi->fh is its mount_disk | these bits. */

@@ -326,7 +326,7 @@ int main(int argc, char **argv)
 	}
 	if (fs_devio_install(fuse_get_session(fuse)) < 0)
 		fprintf(stderr, "streamfs: warning: cannot hook FUSE device I/O: no passthrough, "
-			"cold reads wait for whole chunks\n");
+			"no direct-io, cold reads wait for whole chunks\n");
 	fs_open_modes_enable(!m.opts.nopassthrough, !m.opts.nodirectio);
 	if (fuse_daemonize(m.opts.foreground) != 0)
 		goto out_unmount;
