@@ -155,10 +155,10 @@ static void fail_open(struct iovec *iov, int *count, struct fuse_out_header *oh)
 	oh->error = -EIO;
 	iov[0].iov_base = oh;
 	*count = 1;
-	fs_open_mode_release(pending.md, pending.fh); /* no RELEASE will come */
 }
 
-static void patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy,
+/* Returns false if it failed the open instead. */
+static bool patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy,
 		       struct fuse_out_header *oh)
 {
 	const struct fuse_out_header *h = iov[0].iov_base;
@@ -167,7 +167,7 @@ static void patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy
 	    iov[1].iov_len != sizeof(*copy) ||
 	    ((const struct fuse_open_out *)iov[1].iov_base)->fh != pending.fh) {
 		fail_open(iov, count, oh);
-		return;
+		return false;
 	}
 	memcpy(copy, iov[1].iov_base, sizeof(*copy));
 	/* The kernel takes no other flags with passthrough (keep_cache is
@@ -175,6 +175,7 @@ static void patch_open(struct iovec *iov, int *count, struct fuse_open_out *copy
 	copy->open_flags = (copy->open_flags & PT_FOPEN_ALLOWED) | PT_FOPEN;
 	copy->padding = (uint32_t)pending.backing_id;
 	iov[1].iov_base = copy;
+	return true;
 }
 
 static ssize_t devio_writev(int fd, struct iovec *iov, int count, void *userdata)
@@ -183,6 +184,7 @@ static ssize_t devio_writev(int fd, struct iovec *iov, int count, void *userdata
 	struct fuse_open_out open;
 	struct fuse_out_header oh;
 	struct iovec v[2];
+	bool failed = false;
 
 	(void)userdata;
 	if (cur.answered && count >= 1 && iov[0].iov_len == sizeof(struct fuse_out_header) &&
@@ -196,11 +198,20 @@ static ssize_t devio_writev(int fd, struct iovec *iov, int count, void *userdata
 		if (!atomic_exchange(&pt.init_seen, true))
 			patch_init(v, count, &init);
 		else if (pending.fh)
-			patch_open(v, &count, &open, &oh);
+			failed = !patch_open(v, &count, &open, &oh);
 		iov = v;
 	}
+	uint64_t fh = pending.fh;
 	pending.fh = 0;
-	return writev(fd, iov, count);
+	ssize_t r = writev(fd, iov, count);
+	/* No RELEASE will come for the open failed here, unless the kernel
+	 * had given up on it (ENOENT): libfuse releases it then. */
+	if (failed && !(r < 0 && errno == ENOENT)) {
+		int e = errno;
+		fs_open_mode_release(pending.md, fh);
+		errno = e;
+	}
+	return r;
 }
 
 static ssize_t devio_read(int fd, void *buf, size_t len, void *userdata)
