@@ -141,10 +141,12 @@ void fs_format_progress(char *buf, size_t n, const struct cache_disk_stats *st);
 /* One status line for a disk, "name=... state=... ...\n"; caller frees; NULL on ENOMEM. */
 char *fs_status_line(struct mount_disk *md);
 
-/* The largest read or write one FUSE request carries (libfuse 3.14's
- * default max_write, and max_pages with 4 KiB pages), the st_blksize of
- * every disk. */
-#define FS_IO_SIZE (1024 * 1024)
+/* The largest read one FUSE request carries (mount option max_read), and
+ * the st_blksize of every disk.  libfuse splices a reply from the image
+ * only if it fits its pipe with a few pages to spare, and a pipe grows
+ * past /proc/sys/fs/pipe-max-size (1 MiB) only with CAP_SYS_RESOURCE:
+ * a 1 MiB read would be copied through a fresh buffer instead. */
+#define FS_IO_SIZE 524288
 
 /* devio.c; a disk's fi->fh is its mount_disk | these bits. */
 #define FS_FH_PASSTHROUGH ((uint64_t)2) /* opened in passthrough mode */

@@ -306,8 +306,12 @@ int main(int argc, char **argv)
 		goto out;
 	}
 
-	/* Kernel permission checks from the modes getattr reports. */
+	/* Kernel permission checks from the modes getattr reports; reads no
+	 * larger than libfuse can splice (FS_IO_SIZE). */
+	char max_read[32];
+	snprintf(max_read, sizeof(max_read), "-omax_read=%d", FS_IO_SIZE);
 	if (fuse_opt_add_arg(&args, "-odefault_permissions") < 0 ||
+	    fuse_opt_add_arg(&args, max_read) < 0 ||
 	    fuse_opt_add_arg(&args, "-ofsname=streamfs") < 0 ||
 	    fuse_opt_add_arg(&args, "-osubtype=streamfs") < 0)
 		goto out;

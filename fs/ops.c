@@ -387,6 +387,7 @@ static void *fs_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	 * 2 GiB disk through the daemon took 10-40 % longer with it. */
 	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
 		conn->want |= FUSE_CAP_SPLICE_WRITE;
+	conn->max_read = FS_IO_SIZE; /* as mounted with max_read= (main.c) */
 	conn->want &= ~(unsigned)FUSE_CAP_ATOMIC_O_TRUNC;
 	/* Every change to a disk comes through this mount, so the kernel's
 	 * cache is never stale: do not drop it when the local image's mtime
