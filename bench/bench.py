@@ -11,6 +11,8 @@ streamfs against a baseline in the same run, as ratios:
   stream   full streaming time vs `curl -s -o FILE`           (1, 5, 6)
   warm     warm re-read through the mount vs the local image  (2)
   cold     cold-cache read via the mount vs libfuse passthrough and direct (2)
+  partial  re-reads of present data of an incomplete disk vs the local image,
+           direct-io (default) and -o nodirectio                 (2)
   random   cold random 4 KiB reads, 1 and 8 readers           (3)
   ttfb     mount start -> first 4 KiB read returns            (4)
   demand   cold 4 KiB read latency while streaming vs idle    (7)
@@ -49,8 +51,8 @@ GiB = 1 << 30
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SECTIONS = ["stream", "warm", "cold", "random", "ttfb", "demand", "seq", "huge", "sweep",
-            "chunklat"]
+SECTIONS = ["stream", "warm", "cold", "partial", "random", "ttfb", "demand", "seq", "huge",
+            "sweep", "chunklat"]
 SWEEP_CHUNKS = ["64K", "256K", "1M", "4M", "16M"]
 SWEEP_CONNS = [1, 2, 4, 8]
 DEFAULT_CHUNK = "1M"  # used when streamfs --help names no default
@@ -675,6 +677,68 @@ class Bench:
         self.vm_complete = None
         self.warm_templates()
 
+    PARTIAL_MODES = [("dio", "", "direct-io (default)"), ("cached", "nodirectio", "-o nodirectio")]
+
+    def sec_partial(self):
+        """Reads of present data of a disk that is not complete (a VM's
+        disk while it streams): all but its last 64 MiB (twice the default
+        read-ahead) are fetched by a cold dd, then dd re-reads them (2nd pass is the figure) with 1 MiB
+        and 4 KiB blocks, and 4 KiB preads at random offsets; the same
+        reads of the page-cached local image are the baseline."""
+        count = self.sizes["vm"] // MiB - 64
+        small = min(256, count)  # MiB read with 4 KiB blocks
+        nrand = 2000 if self.quick else 20000
+
+        def dd(path, bs, n):
+            t0 = time.perf_counter()
+            subprocess.run(["dd", "if=" + path, "of=/dev/null", "bs=" + bs, "count=%d" % n,
+                            "status=none"], check=True)
+            return time.perf_counter() - t0
+
+        def rand_p50(path):
+            fd = os.open(path, os.O_RDONLY)
+            rng = random.Random(1)
+            lat = []
+            try:
+                for _ in range(nrand):
+                    off = rng.randrange(count * MiB // 4096) * 4096
+                    t0 = time.perf_counter()
+                    os.pread(fd, 4096, off)
+                    lat.append(time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+            return pct(lat, 50)
+
+        def measure(path):
+            dd(path, "1M", count)
+            return {"s": dd(path, "1M", count), "s4k": dd(path, "4k", small * 256),
+                    "rand_p50": rand_p50(path)}
+
+        rows = []
+        for i in range(self.runs):
+            row = {}
+            modes = self.PARTIAL_MODES if i % 2 == 0 else self.PARTIAL_MODES[::-1]
+            for key, extra, _ in modes:
+                imgdir = self.new_imgdir()
+                self.add(imgdir, "vm", self.url("loopback", "vm"))
+                m = self.mount(imgdir, "manual", extra=extra)
+                disk = m.disk("vm")
+                row[key + "_cold_s"] = dd(disk, "1M", count)
+                r = measure(disk)
+                if m.xattr("vm", "state") == "complete":
+                    raise RuntimeError("partial: the disk completed")
+                row.update({key + "_" + k: v for k, v in r.items()})
+                if "img_s" not in row:
+                    row.update({"img_" + k: v for k, v in
+                                measure(os.path.join(imgdir, "vm.img")).items()})
+                self.unmount(m)
+                self.discard(imgdir)
+            rows.append(row)
+            log("partial run %d: %s" % (i + 1, ", ".join(
+                "%s %.4g" % kv for kv in sorted(row.items()))))
+        self.results["partial"] = {"rows": rows, "count_mib": count, "small_mib": small,
+                                   "nrand": nrand}
+
     # --------------------------------------------------------------- (3)
     def cold_reads(self, fd, offsets, readers):
         lat, errors = [], []
@@ -1219,6 +1283,26 @@ def render_markdown(R, pngs):
         row("2", "cold-cache read of complete disk (dd bs=1M)", fmt_rate(sz, s),
             "local image direct: " + fmt_rate(sz, d), median(r["ratio_direct"] for r in cold),
             "speed", None)
+    part = R.get("partial")
+    if part:
+        pr, n, n4 = part["rows"], part["count_mib"] * MiB, part["small_mib"] * MiB
+        img = {k: median(r["img_" + k] for r in pr) for k in ("s", "s4k", "rand_p50")}
+        for key, _, label in Bench.PARTIAL_MODES:
+            s = median(r[key + "_s"] for r in pr)
+            row("2", "re-read of present data, incomplete disk, dd bs=1M, %s" % label,
+                fmt_rate(n, s), "local image, page-cached: " + fmt_rate(n, img["s"]),
+                median(r["img_s"] / r[key + "_s"] for r in pr), "speed", None)
+            s4 = median(r[key + "_s4k"] for r in pr)
+            row("2", "same, dd bs=4k, %s" % label, fmt_rate(n4, s4),
+                "local image: " + fmt_rate(n4, img["s4k"]),
+                median(r["img_s4k"] / r[key + "_s4k"] for r in pr), "speed", None)
+            p50 = median(r[key + "_rand_p50"] for r in pr)
+            row("2", "same, random 4 KiB pread p50, %s" % label, "%.1f us" % (p50 * 1e6),
+                "local image: %.1f us" % (img["rand_p50"] * 1e6),
+                median(r[key + "_rand_p50"] / r["img_rand_p50"] for r in pr), "latency", None)
+            c = median(r[key + "_cold_s"] for r in pr)
+            row("2", "cold dd bs=1M of the same data, %s (loopback)" % label, fmt_rate(n, c),
+                "—", None, "", None)
     rnd = R.get("random")
     if rnd:
         for net, runs in rnd.items():
