@@ -48,13 +48,19 @@ def passthrough_expected():
     return why is None
 
 
-def complete_disk(name, size, opts=("stream=auto",), allow=()):
-    """A template, nginx, and a mount whose disk `name` is complete."""
+def mounted_disk(name, size, opts=("stream=manual",), allow=()):
+    """A template, nginx, and a mount serving it as disk `name`."""
     t = ws().template(name + ".raw", size)
     img = ws().mkdir("images", unique=True)
     ng = h.Nginx(ws()).start()
     h.ctl_add(img, name, ng.url(t.name))
     m = h.Mount(ws(), img, opts=opts, allow=allow).start()
+    return t, img, ng, m
+
+
+def complete_disk(name, size, opts=("stream=auto",), allow=()):
+    """A template, nginx, and a mount whose disk `name` is complete."""
+    t, img, ng, m = mounted_disk(name, size, opts, allow)
     h.wait_until(lambda: xattr(m.path(name), "state") == "complete", 60,
                  f"{name} complete")
     return t, img, ng, m
@@ -135,54 +141,52 @@ def test_complete_disk_is_read_without_the_daemon():
 
 
 def test_open_modes_never_mix():
-    """Descriptors opened before completion stay in direct-io mode and
-    later opens join them; once a passthrough descriptor is open, a writable
+    """With -o nodirectio, descriptors opened before completion stay
+    page-cached and later opens join them; once a passthrough descriptor is
+    open, a writable
     open joins it; its write is read back through passthrough and, after
     every passthrough descriptor is closed, through the page cache, which
     had cached the old bytes of that page."""
     passthrough_expected()
     size = 8 * MiB
-    t = ws().template("modes.raw", size)
-    img = ws().mkdir("images", unique=True)
-    with h.Nginx(ws()) as ng:
-        h.ctl_add(img, "modes", ng.url(t.name))
-        m = h.Mount(ws(), img, opts=("stream=manual",)).start()
-        disk = m.path("modes")
-        page = 3 * MiB + 8192
+    t, img, ng, m = mounted_disk("modes", size, opts=("stream=manual", "nodirectio"))
+    disk = m.path("modes")
+    page = 3 * MiB + 8192
 
-        # Direct-io descriptor, open before the disk is complete.
-        a = os.open(disk, os.O_RDWR)
-        if os.pread(a, 4096, page) != t.read(page, 4096):
-            fail("read before completion differs from the template")
-        if h.control_send(m.mnt, "start modes\n")[1].split()[0] != "ok":
-            fail("start refused")
-        h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "modes complete")
-        b = os.open(disk, os.O_RDONLY)  # must join a's mode
-        if os.pread(b, 65536, 0) != t.read(0, 65536):
-            fail("read-only open next to a direct-io one reads wrong bytes")
-        os.close(b)
-        os.close(a)
+    # Page-cached descriptor, open before the disk is complete.
+    a = os.open(disk, os.O_RDWR)
+    if os.pread(a, 4096, page) != t.read(page, 4096):
+        fail("read before completion differs from the template")
+    if h.control_send(m.mnt, "start modes\n")[1].split()[0] != "ok":
+        fail("start refused")
+    h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "modes complete")
+    b = os.open(disk, os.O_RDONLY)  # must join a's mode: EIO otherwise
+    if os.pread(b, 65536, 0) != t.read(0, 65536):
+        fail("read-only open next to a page-cached one reads wrong bytes")
+    os.close(b)
+    os.close(a)
 
-        # Passthrough descriptor first, then a writable one joins it.
-        c = os.open(disk, os.O_RDONLY)
-        d = os.open(disk, os.O_RDWR)
-        new = b"P" * 4096
-        if os.pwrite(d, new, page) != 4096:
-            fail("short write through a writable open")
-        os.fsync(d)
-        if os.pread(c, 4096, page) != new:
-            fail("the other descriptor does not see the write")
-        os.close(d)
-        os.close(c)
+    # Passthrough descriptor first, then a writable one joins it.
+    c = os.open(disk, os.O_RDONLY)
+    d = os.open(disk, os.O_RDWR)
+    new = b"P" * 4096
+    if os.pwrite(d, new, page) != 4096:
+        fail("short write through a writable open")
+    os.fsync(d)
+    if os.pread(c, 4096, page) != new:
+        fail("the other descriptor does not see the write")
+    os.close(d)
+    os.close(c)
 
-        # Page-cached again: the page cached by `a` must not come back.
-        e = os.open(disk, os.O_RDWR)
-        if os.pread(e, 4096, page) != new:
-            fail("a page-cached open after passthrough reads stale bytes")
-        if os.pread(e, 4096, page + 4096) != t.read(page + 4096, 4096):
-            fail("bytes next to the write changed")
-        os.close(e)
-        m.stop()
+    # Page-cached again: the page cached by `a` must not come back.
+    e = os.open(disk, os.O_RDWR)
+    if os.pread(e, 4096, page) != new:
+        fail("a page-cached open after passthrough reads stale bytes")
+    if os.pread(e, 4096, page + 4096) != t.read(page + 4096, 4096):
+        fail("bytes next to the write changed")
+    os.close(e)
+    m.stop()
+    ng.stop()
     with open(os.path.join(img, "modes.img"), "rb") as f:
         f.seek(page)
         if f.read(4096) != new:
@@ -251,52 +255,49 @@ def test_incomplete_disk_is_read_in_direct_io_mode():
     expected = passthrough_expected()
     dio = direct_io_expected()
     size = 8 * MiB
-    t = ws().template("dio.raw", size)
-    img = ws().mkdir("images", unique=True)
-    with h.Nginx(ws()) as ng:
-        h.ctl_add(img, "dio", ng.url(t.name))
-        m = h.Mount(ws(), img, opts=("stream=manual",)).start()
-        disk = m.path("dio")
-        if os.stat(disk).st_blksize != 512 * 1024:
-            fail(f"st_blksize is {os.stat(disk).st_blksize}, expected 512 KiB")
-        with open("/proc/self/mounts") as f:
-            opts = [ln.split()[3] for ln in f if ln.split()[1] == m.mnt]
-        if not opts or "max_read=524288" not in opts[0].split(","):
-            fail(f"mounted without max_read=524288: {opts}")
-        a = os.open(disk, os.O_RDWR)
+    t, img, ng, m = mounted_disk("dio", size)
+    disk = m.path("dio")
+    if os.stat(disk).st_blksize != 512 * 1024:
+        fail(f"st_blksize is {os.stat(disk).st_blksize}, expected 512 KiB")
+    with open("/proc/self/mounts") as f:
+        opts = [ln.split()[3] for ln in f if ln.split()[1] == m.mnt]
+    if not opts or "max_read=524288" not in opts[0].split(","):
+        fail(f"mounted without max_read=524288: {opts}")
+    a = os.open(disk, os.O_RDWR)
+    try:
+        if os.pread(a, 65536, 3 * MiB) != t.read(3 * MiB, 65536):
+            fail("cold read differs from the template")
+        early, data = while_stopped(m, lambda: os.pread(a, 65536, 3 * MiB), 1.0)
+        if early and dio:
+            fail("a re-read of an incomplete disk was served from the FUSE page cache")
+        if data != t.read(3 * MiB, 65536):
+            fail("re-read through the daemon differs from the template")
+        mmap_shared(a, t, 5 * MiB + 4096)
+        if h.control_send(m.mnt, "start dio\n")[1].split()[0] != "ok":
+            fail("start refused")
+        h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "dio complete")
+        b = os.open(disk, os.O_RDONLY)
         try:
-            if os.pread(a, 65536, 3 * MiB) != t.read(3 * MiB, 65536):
-                fail("cold read differs from the template")
-            early, data = while_stopped(m, lambda: os.pread(a, 65536, 3 * MiB), 1.0)
-            if early and dio:
-                fail("a re-read of an incomplete disk was served from the FUSE page cache")
-            if data != t.read(3 * MiB, 65536):
-                fail("re-read through the daemon differs from the template")
-            mmap_shared(a, t, 5 * MiB + 4096)
-            if h.control_send(m.mnt, "start dio\n")[1].split()[0] != "ok":
-                fail("start refused")
-            h.wait_until(lambda: xattr(disk, "state") == "complete", 60, "dio complete")
-            b = os.open(disk, os.O_RDONLY)
-            try:
-                os.pread(b, 65536, 0)  # page-cached, this would keep it
-                early, data = while_stopped(m, lambda: os.pread(b, 65536, 0), 1.0)
-            finally:
-                os.close(b)
-            if early and dio:
-                fail("an open next to a direct-io descriptor did not join its mode")
-            if data != t.read(0, 65536):
-                fail("read next to a direct-io descriptor differs from the template")
+            os.pread(b, 65536, 0)  # page-cached, this would keep it
+            early, data = while_stopped(m, lambda: os.pread(b, 65536, 0), 1.0)
         finally:
-            os.close(a)
-        if expected:
-            c = os.open(disk, os.O_RDONLY)
-            try:
-                early, data = while_stopped(m, lambda: os.pread(c, 65536, MiB), 20)
-            finally:
-                os.close(c)
-            if not early or data != t.read(MiB, 65536):
-                fail("no passthrough once the direct-io descriptors were closed")
-        m.stop()
+            os.close(b)
+        if early and dio:
+            fail("an open next to a direct-io descriptor did not join its mode")
+        if data != t.read(0, 65536):
+            fail("read next to a direct-io descriptor differs from the template")
+    finally:
+        os.close(a)
+    if expected:
+        c = os.open(disk, os.O_RDONLY)
+        try:
+            early, data = while_stopped(m, lambda: os.pread(c, 65536, MiB), 20)
+        finally:
+            os.close(c)
+        if not early or data != t.read(MiB, 65536):
+            fail("no passthrough once the direct-io descriptors were closed")
+    m.stop()
+    ng.stop()
     with open(os.path.join(img, "dio.img"), "rb") as f:
         f.seek(5 * MiB + 4096)
         if f.read(4) != b"MMAP":
@@ -326,23 +327,20 @@ def test_nodirectio_keeps_incomplete_disks_page_cached():
     """With -o nodirectio a re-read of present data of an incomplete
     disk comes from the page cache, even while the daemon is stopped."""
     size = 4 * MiB
-    t = ws().template("nodio.raw", size)
-    img = ws().mkdir("images", unique=True)
-    with h.Nginx(ws()) as ng:
-        h.ctl_add(img, "nodio", ng.url(t.name))
-        m = h.Mount(ws(), img, opts=("stream=manual", "nodirectio")).start()
-        fd = os.open(m.path("nodio"), os.O_RDONLY)
-        try:
-            if os.pread(fd, 65536, MiB) != t.read(MiB, 65536):
-                fail("cold read differs from the template")
-            early, data = while_stopped(m, lambda: os.pread(fd, 65536, MiB), 20)
-        finally:
-            os.close(fd)
-        if not early or data != t.read(MiB, 65536):
-            fail("with nodirectio a re-read did not come from the page cache")
-        if xattr(m.path("nodio"), "state") == "complete":
-            fail("the disk completed: the test proves nothing")
-        m.stop()
+    t, img, ng, m = mounted_disk("nodio", size, opts=("stream=manual", "nodirectio"))
+    fd = os.open(m.path("nodio"), os.O_RDONLY)
+    try:
+        if os.pread(fd, 65536, MiB) != t.read(MiB, 65536):
+            fail("cold read differs from the template")
+        early, data = while_stopped(m, lambda: os.pread(fd, 65536, MiB), 20)
+    finally:
+        os.close(fd)
+    if not early or data != t.read(MiB, 65536):
+        fail("with nodirectio a re-read did not come from the page cache")
+    if xattr(m.path("nodio"), "state") == "complete":
+        fail("the disk completed: the test proves nothing")
+    m.stop()
+    ng.stop()
 
 
 def test_nopassthrough_keeps_reads_in_the_daemon():
