@@ -21,9 +21,10 @@
  * which serves present data from the image's page cache.  Page-cached,
  * a cold read would land in two page caches (the image's and the FUSE
  * file's); a cold sequential read ran at 0.6x curl that way against
- * 1.3x in direct-io mode (BENCHMARKS.md).  Re-reads of present data pay
- * a request each (about 8 GB/s, 6 us for 4 KiB here, against 26 GB/s
- * and 1 us page-cached), and the same bytes are no longer cached twice.
+ * 1.3-1.4x in direct-io mode (BENCHMARKS.md).  Re-reads of present data
+ * pay a request each (about 9 GiB/s, 6 us for 4 KiB here, against 22
+ * GiB/s and 1 us page-cached), and the same bytes are no longer cached
+ * twice.
  * st_blksize (FS_IO_SIZE) has buffered readers ask for whole requests.
  * mmap, and on some kernels splice and sendfile, still go through the
  * FUSE file's page cache; direct-io writes invalidate what they cover.
