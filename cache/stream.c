@@ -108,21 +108,6 @@ uint64_t stream_rate(struct cache_disk *d)
 	return sum / window;
 }
 
-static void deadline_ts(struct timespec *ts, uint64_t at_ns)
-{
-	ts->tv_sec = (time_t)(at_ns / 1000000000ull);
-	ts->tv_nsec = (long)(at_ns % 1000000000ull);
-}
-
-/* Sleeps on st->cond until at_ns at the latest; st->lock held. */
-static void wait_until_locked(struct stream *st, uint64_t at_ns)
-{
-	struct timespec ts;
-
-	deadline_ts(&ts, at_ns);
-	pthread_cond_timedwait(&st->cond, &st->lock, &ts);
-}
-
 /* This thread's holding back: the window it is in and how long it has
  * held in it (see yield_to_demand). */
 static _Thread_local uint64_t yield_window_start;
@@ -224,7 +209,7 @@ static void *stream_worker(void *opaque)
 			continue;
 		}
 		if (now < st->backoff_until) {
-			wait_until_locked(st, st->backoff_until);
+			cond_wait_until(&st->cond, &st->lock, st->backoff_until);
 			continue;
 		}
 		/* New requests wait for any demand fetch, even one queued
@@ -276,7 +261,7 @@ static void *stream_worker(void *opaque)
 			uint64_t until = now_ns() + wait;
 			pthread_mutex_lock(&st->lock);
 			while (!st->quit && st->mode == STREAM_RUNNING && now_ns() < until)
-				wait_until_locked(st, until);
+				cond_wait_until(&st->cond, &st->lock, until);
 			go = !st->quit && st->mode == STREAM_RUNNING;
 			pthread_mutex_unlock(&st->lock);
 		}

@@ -214,6 +214,14 @@ void cond_init_monotonic(pthread_cond_t *c)
 	pthread_condattr_destroy(&ca);
 }
 
+void cond_wait_until(pthread_cond_t *c, pthread_mutex_t *lock, uint64_t at_ns)
+{
+	struct timespec ts = {.tv_sec = (time_t)(at_ns / 1000000000ull),
+			      .tv_nsec = (long)(at_ns % 1000000000ull)};
+
+	pthread_cond_timedwait(c, lock, &ts);
+}
+
 uint64_t now_ns(void)
 {
 	struct timespec ts;

@@ -285,10 +285,8 @@ static void *flusher_main(void *opaque)
 
 	pthread_mutex_lock(&m->flush_lock);
 	while (!m->flush_quit) {
-		struct timespec ts; /* flush_cond runs on CLOCK_MONOTONIC */
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		ts.tv_sec += FLUSH_EVERY_S;
-		pthread_cond_timedwait(&m->flush_cond, &m->flush_lock, &ts);
+		cond_wait_until(&m->flush_cond, &m->flush_lock,
+				now_ns() + FLUSH_EVERY_S * 1000000000ull);
 		pthread_mutex_unlock(&m->flush_lock);
 
 		size_t n = 0;

@@ -80,4 +80,8 @@ uint64_t now_ns(void);
  * set back must not stall a waiter. */
 void cond_init_monotonic(pthread_cond_t *c);
 
+/* Waits on c (made by cond_init_monotonic, lock held) until at_ns of
+ * now_ns()'s clock at the latest. */
+void cond_wait_until(pthread_cond_t *c, pthread_mutex_t *lock, uint64_t at_ns);
+
 #endif
