@@ -618,9 +618,13 @@ class Bench:
         r = self.stream_once("loopback", "vm", keep=True)
         return r["imgdir"]
 
-    def dd(self, path):
+    def dd(self, path, bs="1M", count=None):
+        """Seconds to read path with dd (count blocks of bs; all of it by default)."""
+        argv = ["dd", "if=" + path, "of=/dev/null", "bs=" + bs, "status=none"]
+        if count is not None:
+            argv.append("count=%d" % count)
         t0 = time.perf_counter()
-        subprocess.run(["dd", "if=" + path, "of=/dev/null", "bs=1M", "status=none"], check=True)
+        subprocess.run(argv, check=True)
         return time.perf_counter() - t0
 
     def sec_warm(self):
@@ -689,12 +693,6 @@ class Bench:
         small = min(256, count)  # MiB read with 4 KiB blocks
         nrand = 2000 if self.quick else 20000
 
-        def dd(path, bs, n):
-            t0 = time.perf_counter()
-            subprocess.run(["dd", "if=" + path, "of=/dev/null", "bs=" + bs, "count=%d" % n,
-                            "status=none"], check=True)
-            return time.perf_counter() - t0
-
         def rand_p50(path):
             fd = os.open(path, os.O_RDONLY)
             rng = random.Random(1)
@@ -710,8 +708,8 @@ class Bench:
             return pct(lat, 50)
 
         def measure(path):
-            dd(path, "1M", count)
-            return {"s": dd(path, "1M", count), "s4k": dd(path, "4k", small * 256),
+            self.dd(path, count=count)
+            return {"s": self.dd(path, count=count), "s4k": self.dd(path, "4k", small * 256),
                     "rand_p50": rand_p50(path)}
 
         rows = []
@@ -723,7 +721,7 @@ class Bench:
                 self.add(imgdir, "vm", self.url("loopback", "vm"))
                 m = self.mount(imgdir, "manual", extra=extra)
                 disk = m.disk("vm")
-                row[key + "_cold_s"] = dd(disk, "1M", count)
+                row[key + "_cold_s"] = self.dd(disk, count=count)
                 r = measure(disk)
                 if m.xattr("vm", "state") == "complete":
                     raise RuntimeError("partial: the disk completed")
