@@ -33,19 +33,27 @@ ws = h.workspace
 xattr = h.xattr
 
 
-def passthrough_expected():
-    """True when this machine can do passthrough; else logs why not."""
-    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-    why = None
-    if os.geteuid() != 0:
-        why = "not root (passthrough needs CAP_SYS_ADMIN)"
-    elif release < (6, 9):
-        why = f"kernel {platform.release()} predates FUSE passthrough (6.9)"
+KERNEL = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+
+
+def expected(what, why):
+    """True when why is None; else logs that `what` is not checked, and
+    why (CI=true: fails instead)."""
     if why and os.environ.get("CI") == "true":
         fail(f"{why} (CI=true: not skipping)")
     if why:
-        h.log(f"passthrough not checked: {why}")
+        h.log(f"{what} not checked: {why}")
     return why is None
+
+
+def passthrough_expected():
+    """True when this machine can do passthrough; else logs why not."""
+    why = None
+    if os.geteuid() != 0:
+        why = "not root (passthrough needs CAP_SYS_ADMIN)"
+    elif KERNEL < (6, 9):
+        why = f"kernel {platform.release()} predates FUSE passthrough (6.9)"
+    return expected("passthrough", why)
 
 
 def mounted_disk(name, size, opts=("stream=manual",), allow=()):
@@ -235,14 +243,10 @@ def test_writable_open_joining_passthrough_stays_inside_the_disk():
 def direct_io_expected():
     """True when incomplete disks should open in direct-io mode (the
     kernel takes FUSE_DIRECT_IO_ALLOW_MMAP from 6.6); else logs why not."""
-    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-    if release >= (6, 6):
-        return True
-    why = f"kernel {platform.release()} predates FUSE_DIRECT_IO_ALLOW_MMAP (6.6)"
-    if os.environ.get("CI") == "true":
-        fail(f"{why} (CI=true: not skipping)")
-    h.log(f"direct-io not checked: {why}")
-    return False
+    why = None
+    if KERNEL < (6, 6):
+        why = f"kernel {platform.release()} predates FUSE_DIRECT_IO_ALLOW_MMAP (6.6)"
+    return expected("direct-io", why)
 
 
 def test_incomplete_disk_is_read_in_direct_io_mode():
