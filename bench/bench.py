@@ -31,6 +31,7 @@ import datetime
 import http.client
 import json
 import math
+import mmap
 import os
 import platform
 import random
@@ -82,6 +83,43 @@ def human(n):
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def large_folio_share(path, length):
+    """Share of the first length bytes of path, in the page cache already,
+    that sit in large folios (KPF_COMPOUND_HEAD/TAIL in /proc/kpageflags,
+    found through a mapping and /proc/self/pagemap; root only).  A re-read
+    copies out of 4 KiB pages more slowly than out of large folios."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, length, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        for off in range(0, length, 4096):
+            mm[off]  # map every page: a minor fault, the page is cached
+        addr = None
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if line.rstrip().endswith(" " + path) and hi - lo == length:
+                    addr = lo
+        if addr is None:
+            raise RuntimeError("large_folio_share: no mapping of %s" % path)
+        large = pages = 0
+        with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+            for off in range(0, length, 4096):
+                pm.seek((addr + off) // 4096 * 8)
+                e = int.from_bytes(pm.read(8), "little")
+                if not e >> 63:  # not present
+                    continue
+                kf.seek((e & ((1 << 55) - 1)) * 8)
+                flags = int.from_bytes(kf.read(8), "little")
+                pages += 1
+                large += bool(flags & (1 << 15 | 1 << 16))
+        return large / pages if pages else 0.0
+    finally:
+        mm.close()
 
 
 def pct(xs, p):
@@ -688,7 +726,9 @@ class Bench:
         disk while it streams): all but its last 64 MiB (twice the default
         read-ahead) are fetched by a cold dd, then dd re-reads them (2nd pass is the figure) with 1 MiB
         and 4 KiB blocks, and 4 KiB preads at random offsets; the same
-        reads of the page-cached local image are the baseline."""
+        reads of the page-cached local image are the baseline.  For the
+        page-cached mode and the image it also records how much of the
+        first 64 MiB sits in large folios."""
         count = self.sizes["vm"] // MiB - 64
         small = min(256, count)  # MiB read with 4 KiB blocks
         nrand = 2000 if self.quick else 20000
@@ -707,10 +747,13 @@ class Bench:
                 os.close(fd)
             return pct(lat, 50)
 
-        def measure(path):
+        def measure(path, folios=False):
             self.dd(path, count=count)
-            return {"s": self.dd(path, count=count), "s4k": self.dd(path, "4k", small * 256),
-                    "rand_p50": rand_p50(path)}
+            r = {"s": self.dd(path, count=count), "s4k": self.dd(path, "4k", small * 256),
+                 "rand_p50": rand_p50(path)}
+            if folios:  # the page cache the re-reads copied from
+                r["large_share"] = large_folio_share(path, min(64, count) * MiB)
+            return r
 
         rows = []
         for i in range(self.runs):
@@ -722,13 +765,13 @@ class Bench:
                 m = self.mount(imgdir, "manual", extra=extra)
                 disk = m.disk("vm")
                 row[key + "_cold_s"] = self.dd(disk, count=count)
-                r = measure(disk)
+                r = measure(disk, folios=(key == "cached"))
                 if m.xattr("vm", "state") == "complete":
                     raise RuntimeError("partial: the disk completed")
                 row.update({key + "_" + k: v for k, v in r.items()})
                 if "img_s" not in row:
                     row.update({"img_" + k: v for k, v in
-                                measure(os.path.join(imgdir, "vm.img")).items()})
+                                measure(os.path.join(imgdir, "vm.img"), True).items()})
                 self.unmount(m)
                 self.discard(imgdir)
             rows.append(row)
@@ -1301,6 +1344,11 @@ def render_markdown(R, pngs):
             c = median(r[key + "_cold_s"] for r in pr)
             row("2", "cold dd bs=1M of the same data, %s (loopback)" % label, fmt_rate(n, c),
                 "—", None, "", None)
+        if all("cached_large_share" in r for r in pr):
+            row("2", "share of the re-read data in large folios, -o nodirectio (FUSE file's "
+                "page cache)", "%.0f %%" % (100 * median(r["cached_large_share"] for r in pr)),
+                "local image: %.0f %%" % (100 * median(r["img_large_share"] for r in pr)),
+                None, "", None)
     rnd = R.get("random")
     if rnd:
         for net, runs in rnd.items():
