@@ -815,6 +815,11 @@ class Bench:
             rows = []
             for i in range(self.runs):
                 base = self.curl_chunk_latency(self.url(net, "vm"), self.sizes["vm"], chunk, 20)
+                # The same from as many curl processes, one connection each, as
+                # streamfs has connections: one connection's time to the first
+                # byte can stay fast or slow for a whole run (BENCHMARKS.md (3)).
+                pooled = [t for _ in range(self.conns) for t in
+                          self.curl_chunk_latency(self.url(net, "vm"), self.sizes["vm"], chunk, 20)]
                 b_iops1, b_lat1 = self.http_iops(net, "vm", chunk, 1, 50)
                 b_iops8, _ = self.http_iops(net, "vm", chunk, min(8, self.conns),
                                             n8 // min(8, self.conns))
@@ -830,6 +835,8 @@ class Bench:
                 self.unmount(m)
                 self.discard(imgdir)
                 row = {"curl_chunk_p50": median(base), "http_1_p50": median(b_lat1),
+                       "curl_pooled_p50": median(pooled), "curl_pooled_lat": pooled,
+                       "curl_pooled_n": self.conns,
                        "curl_lat": base, "http_1_lat": b_lat1, "lat1": lat1, "lat8": lat8,
                        "http_iops1": b_iops1, "http_iops8": b_iops8,
                        "p50_1": pct(lat1, 50), "p99_1": pct(lat1, 99), "iops1": iops1,
@@ -1357,6 +1364,12 @@ def render_markdown(R, pngs):
                 fmt_ms(median(r["p50_1"] for r in runs)),
                 "one 1 MiB range GET (curl, warm conn.): " + fmt_ms(b),
                 median(r["ratio_p50_1"] for r in runs), "latency", ("<=", 1.5))
+            if all("curl_pooled_p50" in r for r in runs):
+                bp = median(r["curl_pooled_p50"] for r in runs)
+                row("3", "same p50 against the GET pooled over %d curl processes, one "
+                    "connection each (%s)" % (runs[0]["curl_pooled_n"], NET[net]),
+                    fmt_ms(median(r["p50_1"] for r in runs)), "pooled GETs: " + fmt_ms(bp),
+                    median(r["p50_1"] / r["curl_pooled_p50"] for r in runs), "latency", None)
             row("3", "cold random 4 KiB read, 1 reader, p99 (%s)" % NET[net],
                 fmt_ms(median(r["p99_1"] for r in runs)), "same: " + fmt_ms(b),
                 median(r["p99_1"] / r["curl_chunk_p50"] for r in runs), "latency", None)
