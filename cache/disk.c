@@ -809,18 +809,112 @@ struct deliver {
 	const char *buf;          /* the fetch buffer, holding from run_off */
 	uint64_t run_off;
 	bool answered;            /* answer() took the bytes */
+	/* The current attempt's timing, for the link estimate: */
+	uint64_t wire_ns;         /* the request went out */
+	uint64_t first_ns, first_got, last_ns, last_got; /* progress seen */
 };
+
+/* The fetch's on_wire: the disk's count, and the start of an attempt. */
+static void deliver_on_wire(void *opaque, int delta)
+{
+	struct deliver *dl = opaque;
+
+	stream_demand_on_wire(dl->d, delta);
+	if (delta > 0) {
+		dl->wire_ns = now_ns();
+		dl->first_ns = dl->last_ns = 0;
+	}
+}
 
 /* The fetch's progress: answers the reader once its bytes are in. */
 static void deliver_progress(void *opaque, size_t got)
 {
 	struct deliver *dl = opaque;
 	uint64_t skip = dl->off - dl->run_off;
+	uint64_t now = now_ns();
 
+	if (!dl->first_ns) {
+		dl->first_ns = now;
+		dl->first_got = got;
+	}
+	dl->last_ns = now;
+	dl->last_got = got;
 	if (dl->answered || got < skip + dl->len)
 		return;
 	clear_transient_error(dl->d);
 	dl->answered = dl->answer(dl->answer_opaque, dl->buf + skip, dl->len);
+}
+
+/* A body this long at least gives a rate worth averaging. */
+#define LINK_RATE_MIN_BYTES (64u << 10)
+
+static void link_average(atomic_uint_fast64_t *avg, uint64_t sample)
+{
+	uint64_t old = atomic_load(avg);
+
+	atomic_store(avg, old ? (3 * old + sample) / 4 : MAX(sample, 1u));
+}
+
+/* Folds a successful demand transfer's timing into the link estimate. */
+static void link_learn(struct cache_disk *d, const struct deliver *dl)
+{
+	if (!dl->wire_ns || !dl->first_ns)
+		return; /* no progress reported (file://) */
+	link_average(&d->link_first_ns, dl->first_ns - dl->wire_ns);
+	uint64_t bytes = dl->last_got - dl->first_got;
+	if (bytes >= LINK_RATE_MIN_BYTES && dl->last_ns > dl->first_ns)
+		link_average(&d->link_ns_per_mib,
+			     (dl->last_ns - dl->first_ns) * (1ull << 20) / bytes);
+}
+
+/*
+ * Reader first: where the bytes before the reader's in a run would take
+ * longer to arrive than two first-byte times, the run is fetched in two
+ * requests, from the reader's page to the end and then the rest, so the
+ * reader waits for about one round trip whatever its place in the chunk.
+ * The cost is a request more, and one round trip more for another reader
+ * of the first part; on links where that outweighs the gain (loopback,
+ * long round trips) the estimate says no.  See BENCHMARKS.md (3).
+ * Returns the length of the first part to fetch second, or 0.
+ */
+#define READER_FIRST_MIN (64u << 10)
+
+static uint64_t reader_first_head(struct cache_disk *d, uint64_t skip)
+{
+	uint64_t head = skip & ~(uint64_t)4095;
+	uint64_t first = atomic_load(&d->link_first_ns);
+	uint64_t per_mib = atomic_load(&d->link_ns_per_mib);
+
+	if (head < READER_FIRST_MIN || !first || !per_mib)
+		return 0;
+	/* In KiB (< 2^22 for any run) times at most 2^39 ns per MiB (a MiB
+	 * in 9 minutes): no overflow. */
+	return ((head >> 10) * MIN(per_mib, 1ull << 39) >> 10) > 2 * first ? head : 0;
+}
+
+/* A demand fetch that answers its reader early: the run, or its two parts
+ * (reader_first_head), into buf; learns the link from the part with the
+ * reader. */
+static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uint64_t off,
+			      const struct cache_fetch_hint *h, struct deliver *dl)
+{
+	uint64_t head = reader_first_head(d, dl->off - off);
+	int r;
+
+	dl->buf = (char *)buf + head;
+	dl->run_off = off + head;
+	dl->wire_ns = 0;
+	r = d->src.fetch_range(d->src.opaque, (char *)buf + head, len - head, off + head, h);
+	if (r < 0)
+		return r;
+	link_learn(d, dl);
+	if (!head)
+		return r;
+	struct cache_fetch_hint rest = *h;
+	rest.hooks.progress = NULL;
+	rest.hooks.on_wire = stream_demand_on_wire;
+	rest.hooks.on_wire_opaque = d;
+	return d->src.fetch_range(d->src.opaque, buf, head, off, &rest);
 }
 
 /*
@@ -863,6 +957,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			dl->run_off = off;
 			h.hooks.progress = deliver_progress;
 			h.hooks.progress_opaque = dl;
+			h.hooks.on_wire = deliver_on_wire;
+			h.hooks.on_wire_opaque = dl;
 		} else if (background && d->manifest_fd < 0) {
 			rs.claims = claims;
 			h.hooks.progress = run_store_progress;
@@ -873,7 +969,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
 		for (int attempt = 0; attempt < 2; attempt++) {
-			r = d->src.fetch_range(d->src.opaque, buf, len, off, &h);
+			if (h.hooks.progress == deliver_progress)
+				r = fetch_reader_first(d, buf, len, off, &h, dl);
+			else
+				r = d->src.fetch_range(d->src.opaque, buf, len, off, &h);
 			if (r >= 0)
 				r = disk_verify_run(d, buf, a, b, &bad);
 			if (r != -EILSEQ)

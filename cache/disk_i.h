@@ -121,6 +121,11 @@ struct cache_disk {
 				     * set under commit_lock */
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
 	atomic_uint_fast64_t demand_on_wire;    /* of those, requests under way */
+	/* The link as demand fetches see it (0 = not measured yet): time from
+	 * a request going out to its first body bytes, and body time per MiB.
+	 * Moving averages; read and written without a lock. */
+	atomic_uint_fast64_t link_first_ns;
+	atomic_uint_fast64_t link_ns_per_mib;
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */
 	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
 	atomic_uint_fast64_t rate_since;  /* second streaming last started */

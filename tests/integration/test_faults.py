@@ -524,6 +524,49 @@ def test_read_answered_before_its_chunk_is_whole():
     srv.stop()
 
 
+def test_reader_first_on_a_slow_link():
+    # On a link where a chunk takes much longer to arrive than a request
+    # takes to get its first bytes, a read late in a chunk is fetched
+    # reader first: one GET from the reader's page to the chunk's end,
+    # answered from its first bytes, then one for the chunk's start.  The
+    # link is learnt from the first read (1 MiB at 1 MiB/s), which starts
+    # at its chunk's start and is one GET.
+    t, srv, img = setup("rf")
+    srv.set_rules([rule("slow", t, rate=MiB)])
+    skip = 768 * KiB
+    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
+        read_ok(m, "rf", t, 0, 4 * KiB, "read at the start of chunk 0")
+        h.wait_until(lambda: xattr(m.path("rf"), "cached") == str(CHUNK), 20,
+                     "chunk 0 present")
+        srv.mark()
+        rd = ReadInThread(m.path("rf"), 2 * MiB + skip, 4 * KiB, direct=True)
+        rd.join(40, "read late in chunk 2")
+        if rd.error is not None:
+            fail(f"read late in chunk 2 failed: {rd.error!r}\nstderr:\n{m.stderr()}")
+        expect_equal("read late in chunk 2", rd.result, t.read(2 * MiB + skip, 4 * KiB))
+        h.wait_until(lambda: xattr(m.path("rf"), "cached") == str(2 * CHUNK), 20,
+                     "chunk 2 present")
+        recs = srv.records(f"/{t.name}")
+        got = [rec_range(r) for r in recs]
+        want = [(2 * MiB + skip, 3 * MiB - 1), (2 * MiB, 2 * MiB + skip - 1)]
+        if got != want or not all(r["status"] == 206 and r["bytes"] == b - a + 1
+                                  for r, (a, b) in zip(recs, want)):
+            fail(f"chunk 2 was not fetched reader first, as {want}:\n{show(recs)}")
+        # The reader's part takes 256 KiB / (1 MiB/s) = 0.25 s to send, and
+        # the whole chunk 1 s: the read came back with the first bytes.
+        if rd.elapsed >= 0.2:
+            fail(f"the read late in chunk 2 took {rd.elapsed:.2f} s: it was not answered "
+                 "from the first bytes of its part")
+        h.log(f"reader-first read answered in {rd.elapsed * 1e3:.0f} ms")
+        srv.mark()
+        expect_equal("re-read of chunk 2", h.pread_all(m.path("rf"), 2 * MiB, CHUNK),
+                     t.read(2 * MiB, CHUNK))
+        if srv.records(f"/{t.name}"):
+            fail("a re-read of chunk 2 fetched it again")
+    check_image_region(img, "rf", t, 2 * MiB, CHUNK, "reader-first chunk")
+    srv.stop()
+
+
 def test_streamer_run_stored_chunk_by_chunk():
     # Every response stalls after 1.5 MiB.  The streamer asks for runs of
     # 1, 2, then 4 chunks: only its first run (one chunk) can complete.
