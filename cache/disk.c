@@ -809,10 +809,20 @@ struct deliver {
 	const char *buf;          /* the fetch buffer, holding from run_off */
 	uint64_t run_off;
 	bool answered;            /* answer() took the bytes */
+	bool unanswered;          /* counted in d->unanswered */
 	/* The current attempt's timing, for the link estimate: */
 	uint64_t wire_ns;         /* the request went out */
 	uint64_t first_ns, first_got, last_ns, last_got; /* progress seen */
 };
+
+/* The reader no longer waits (answered, or its fetch is over). */
+static void deliver_answered(struct deliver *dl)
+{
+	if (dl->unanswered) {
+		dl->unanswered = false;
+		atomic_fetch_sub(&dl->d->unanswered, 1);
+	}
+}
 
 /* The fetch's on_wire: the disk's count, and the start of an attempt. */
 static void deliver_on_wire(void *opaque, int delta)
@@ -843,6 +853,8 @@ static void deliver_progress(void *opaque, size_t got)
 		return;
 	clear_transient_error(dl->d);
 	dl->answered = dl->answer(dl->answer_opaque, dl->buf + skip, dl->len);
+	if (dl->answered)
+		deliver_answered(dl);
 }
 
 /* A body this long at least gives a rate worth averaging. */
@@ -885,7 +897,10 @@ static uint64_t reader_first_head(struct cache_disk *d, uint64_t skip)
 	uint64_t first = atomic_load(&d->link_first_ns);
 	uint64_t per_mib = atomic_load(&d->link_ns_per_mib);
 
-	if (head < READER_FIRST_MIN || !first || !per_mib)
+	/* While other readers wait, the second request would hold a
+	 * connection they may need (8 readers through 4 connections: p99
+	 * 81-108 ms against 59-71 ms): then the reader waits its turn. */
+	if (head < READER_FIRST_MIN || !first || !per_mib || atomic_load(&d->unanswered) > 1)
 		return 0;
 	/* In KiB (< 2^22 for any run) times at most 2^39 ns per MiB (a MiB
 	 * in 9 minutes): no overflow. */
@@ -959,6 +974,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.progress_opaque = dl;
 			h.hooks.on_wire = deliver_on_wire;
 			h.hooks.on_wire_opaque = dl;
+			dl->unanswered = true;
+			atomic_fetch_add(&d->unanswered, 1);
 		} else if (background && d->manifest_fd < 0) {
 			rs.claims = claims;
 			h.hooks.progress = run_store_progress;
@@ -982,6 +999,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (!background)
 			atomic_fetch_sub(&d->waiting, 1);
+		if (dl && dl->d)
+			deliver_answered(dl);
 		/* The reader not answered early is answered now, before the
 		 * store, from a copy. */
 		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {
