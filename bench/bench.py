@@ -5,8 +5,9 @@ streamfs benchmark suite (see BENCHMARKS.md).  Python 3 standard library only.
 
 Generates its templates (a 2 GiB ext4 image of a real file tree, a 1 GiB
 random file), serves them from nginx
-on 127.0.0.1 and through bench/relay.c at a 20 ms round trip, and measures
-streamfs against a baseline in the same run, as ratios:
+on 127.0.0.1 and through bench/relay.c at a 20 ms round trip (and, for
+section random only, at a LAN-like 0.5 ms round trip and 64 KiB window),
+and measures streamfs against a baseline in the same run, as ratios:
 
   stream   full streaming time vs `curl -s -o FILE`           (1, 5, 6)
   warm     warm re-read through the mount vs the local image  (2)
@@ -52,6 +53,12 @@ GiB = 1 << 30
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+# The relays in front of nginx: one-way delay (ms) and window per network.
+# "lan" stands for a 1 Gbit/s LAN (0.5 ms round trip, about 128 MB/s a
+# connection); only section random uses it.
+RELAYS = {"wan": ("10", "6m"), "lan": ("0.25", "64k")}
+NET = {"loopback": "loopback", "wan": "20 ms RTT", "lan": "LAN-like: 0.5 ms RTT, 64 KiB window"}
+
 SECTIONS = ["stream", "warm", "cold", "partial", "random", "ttfb", "demand", "seq", "huge",
             "sweep", "chunklat"]
 SWEEP_CHUNKS = ["64K", "256K", "1M", "4M", "16M"]
@@ -438,22 +445,27 @@ class Bench:
             raise RuntimeError("nginx does not start: see %s/stderr" % ngx)
         self.nginx = p
         self.port = {"loopback": port}
-        pf = os.path.join(self.tmp, "relay.port")
+        log("nginx on 127.0.0.1:%d (pid %d)" % (port, p.pid))
+        for net, (delay_ms, window) in RELAYS.items():
+            self.start_relay(net, delay_ms, window)
+        self.warm_templates()
+
+    def start_relay(self, net, delay_ms, window):
+        """bench/relay in front of nginx, as network `net`."""
+        pf = os.path.join(self.tmp, "relay-%s.port" % net)
         relay = self.spawn([os.path.join(self.bin, "relay"), "--listen", "127.0.0.1:0",
-                            "--connect", "127.0.0.1:%d" % port, "--delay-ms", "10",
-                            "--window", "6m", "--port-file", pf], "relay",
-                           stderr=open(os.path.join(self.tmp, "relay.log"), "w"))
+                            "--connect", "127.0.0.1:%d" % self.port["loopback"],
+                            "--delay-ms", delay_ms, "--window", window, "--port-file", pf],
+                           "relay", stderr=open(os.path.join(self.tmp, "relay-%s.log" % net), "w"))
         end = time.monotonic() + 10
         while not (os.path.exists(pf) and open(pf).read().strip()):
             if relay.poll() is not None or time.monotonic() > end:
                 raise RuntimeError("relay does not start")
             time.sleep(0.05)
-        self.port["wan"] = int(open(pf).read())
-        wait_port(self.port["wan"], relay)
-        self.relay = relay
-        log("nginx on 127.0.0.1:%d (pid %d), relay 20 ms RTT on 127.0.0.1:%d (pid %d)"
-            % (port, p.pid, self.port["wan"], relay.pid))
-        self.warm_templates()
+        self.port[net] = int(open(pf).read())
+        wait_port(self.port[net], relay)
+        log("relay %s (%s ms each way, %s window) on 127.0.0.1:%d (pid %d)"
+            % (NET[net], delay_ms, window, self.port[net], relay.pid))
 
     def warm_templates(self):
         for v in self.tpl.values():
@@ -811,7 +823,7 @@ class Bench:
         nchunks = self.sizes["vm"] // chunk
         n1, n8 = (40, 80) if self.quick else (100, 200)
         res = {}
-        for net in ("loopback", "wan"):
+        for net in ("loopback", "lan", "wan"):
             rows = []
             for i in range(self.runs):
                 base = self.curl_chunk_latency(self.url(net, "vm"), self.sizes["vm"], chunk, 20)
@@ -1280,7 +1292,8 @@ def render_markdown(R, pngs):
             "`%s` %s (%s allocated)" % (v["file"], human(v["size"]), human(v["allocated"]))
             for v in tp.values()) + ". Servers: nginx on 127.0.0.1 (sendfile), and the same "
             "nginx behind `bench/relay` at 20 ms round trip (10 ms each way, 6 MiB window) — "
-            "\"WAN\" below. streamfs mounted with chunk %s, connections=%d%s.\n"
+            "\"WAN\" below — and, for (3) only, at 0.5 ms round trip (0.25 ms each way, "
+            "64 KiB window: about 128 MB/s a connection, like a 1 Gbit/s LAN). streamfs mounted with chunk %s, connections=%d%s.\n"
             % (R.get("chunk", DEFAULT_CHUNK), R.get("conns", DEFAULT_CONNS),
                " (the binary's defaults)" if R.get("defaults", True) else ""))
     L.append("| # | measurement | streamfs | baseline | ratio | target | met |")
@@ -1294,7 +1307,6 @@ def render_markdown(R, pngs):
             verdict(ratio, target)))
 
     sizes = {k: v["size"] for k, v in tp.items()}
-    NET = {"loopback": "loopback", "wan": "20 ms RTT"}
     st = R.get("stream")
     if st:
         for key, runs in st.items():
