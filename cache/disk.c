@@ -809,7 +809,7 @@ struct deliver {
 	const char *buf;          /* the fetch buffer, holding from run_off */
 	uint64_t run_off;
 	bool answered;            /* answer() took the bytes */
-	bool unanswered;          /* counted in d->unanswered */
+	bool unanswered;          /* counted in d->unanswered (fill_run) */
 	/* The current attempt's timing, for the link estimate: */
 	uint64_t wire_ns;         /* the request went out */
 	uint64_t first_ns, first_got, last_ns, last_got; /* progress seen */
@@ -974,15 +974,18 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.progress_opaque = dl;
 			h.hooks.on_wire = deliver_on_wire;
 			h.hooks.on_wire_opaque = dl;
-			dl->unanswered = true;
-			atomic_fetch_add(&d->unanswered, 1);
 		} else if (background && d->manifest_fd < 0) {
 			rs.claims = claims;
 			h.hooks.progress = run_store_progress;
 			h.hooks.progress_opaque = &rs;
 		}
-		if (!background)
+		bool unanswered = !background; /* counted in d->unanswered */
+		if (!background) {
 			atomic_fetch_add(&d->waiting, 1);
+			atomic_fetch_add(&d->unanswered, 1);
+			if (dl)
+				dl->unanswered = true; /* deliver_answered() may uncount it */
+		}
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
 		for (int attempt = 0; attempt < 2; attempt++) {
@@ -999,8 +1002,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		}
 		if (!background)
 			atomic_fetch_sub(&d->waiting, 1);
-		if (dl && dl->d)
-			deliver_answered(dl);
+		if (unanswered && (!dl || dl->unanswered))
+			atomic_fetch_sub(&d->unanswered, 1);
+		if (dl)
+			dl->unanswered = false;
 		/* The reader not answered early is answered now, before the
 		 * store, from a copy. */
 		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {

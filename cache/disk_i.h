@@ -126,8 +126,8 @@ struct cache_disk {
 	 * Moving averages; read and written without a lock. */
 	atomic_uint_fast64_t link_first_ns;
 	atomic_uint_fast64_t link_ns_per_mib;
-	atomic_uint_fast64_t unanswered;  /* demand readers that may be answered
-					   * early and are not yet */
+	atomic_uint_fast64_t unanswered;  /* demand fetches whose reader, if
+					   * any, is not answered yet */
 	atomic_uint_fast64_t rate_bytes[RATE_SLOTS]; /* streamed bytes per second slot */
 	atomic_uint_fast64_t rate_sec[RATE_SLOTS];   /* which second each slot holds */
 	atomic_uint_fast64_t rate_since;  /* second streaming last started */
