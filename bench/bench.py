@@ -1293,7 +1293,8 @@ def render_markdown(R, pngs):
             for v in tp.values()) + ". Servers: nginx on 127.0.0.1 (sendfile), and the same "
             "nginx behind `bench/relay` at 20 ms round trip (10 ms each way, 6 MiB window) — "
             "\"WAN\" below — and, for (3) only, at 0.5 ms round trip (0.25 ms each way, "
-            "64 KiB window: about 128 MB/s a connection, like a 1 Gbit/s LAN). streamfs mounted with chunk %s, connections=%d%s.\n"
+            "64 KiB window: about 128 MB/s a connection, like a 1 Gbit/s LAN). "
+            "streamfs mounted with chunk %s, connections=%d%s.\n"
             % (R.get("chunk", DEFAULT_CHUNK), R.get("conns", DEFAULT_CONNS),
                " (the binary's defaults)" if R.get("defaults", True) else ""))
     L.append("| # | measurement | streamfs | baseline | ratio | target | met |")
