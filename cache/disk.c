@@ -808,21 +808,12 @@ struct deliver {
 	struct cache_disk *d;
 	const char *buf;          /* the fetch buffer, holding from run_off */
 	uint64_t run_off;
-	bool answered;            /* answer() took the bytes */
-	bool unanswered;          /* counted in d->unanswered (fill_run) */
+	bool answered;            /* answer() took the bytes; until then the
+				   * fetch counts in d->unanswered */
 	/* The current attempt's timing, for the link estimate: */
 	uint64_t wire_ns;         /* the request went out */
 	uint64_t first_ns, first_got, last_ns, last_got; /* progress seen */
 };
-
-/* The reader no longer waits (answered, or its fetch is over). */
-static void deliver_answered(struct deliver *dl)
-{
-	if (dl->unanswered) {
-		dl->unanswered = false;
-		atomic_fetch_sub(&dl->d->unanswered, 1);
-	}
-}
 
 /* The fetch's on_wire: the disk's count, and the start of an attempt. */
 static void deliver_on_wire(void *opaque, int delta)
@@ -854,7 +845,7 @@ static void deliver_progress(void *opaque, size_t got)
 	clear_transient_error(dl->d);
 	dl->answered = dl->answer(dl->answer_opaque, dl->buf + skip, dl->len);
 	if (dl->answered)
-		deliver_answered(dl);
+		atomic_fetch_sub(&dl->d->unanswered, 1);
 }
 
 /* A body this long at least gives a rate worth averaging. */
@@ -979,12 +970,11 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.progress = run_store_progress;
 			h.hooks.progress_opaque = &rs;
 		}
-		bool unanswered = !background; /* counted in d->unanswered */
+		/* A fill with dl starts unanswered: ensure_chunks() calls it
+		 * again only after a fill that did not answer. */
 		if (!background) {
 			atomic_fetch_add(&d->waiting, 1);
 			atomic_fetch_add(&d->unanswered, 1);
-			if (dl)
-				dl->unanswered = true; /* deliver_answered() may uncount it */
 		}
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
@@ -1000,12 +990,11 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			log_warn("disk %s: chunk %" PRIu64 " does not match the manifest%s", d->name,
 				 bad, attempt ? "" : "; fetching it again");
 		}
-		if (!background)
+		if (!background) {
 			atomic_fetch_sub(&d->waiting, 1);
-		if (unanswered && (!dl || dl->unanswered))
-			atomic_fetch_sub(&d->unanswered, 1);
-		if (dl)
-			dl->unanswered = false;
+			if (!(dl && dl->answered))
+				atomic_fetch_sub(&d->unanswered, 1);
+		}
 		/* The reader not answered early is answered now, before the
 		 * store, from a copy. */
 		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {
