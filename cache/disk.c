@@ -900,11 +900,13 @@ static uint64_t reader_first_head(struct cache_disk *d, uint64_t skip)
 
 /* A demand fetch that answers its reader early: the run, or its two parts
  * (reader_first_head), into buf; learns the link from the part with the
- * reader. */
+ * reader.  The two parts share one timeout, as one request would: the
+ * readers waiting for the first part wait no longer than for any run. */
 static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uint64_t off,
 			      const struct cache_fetch_hint *h, struct deliver *dl)
 {
 	uint64_t head = reader_first_head(d, dl->off - off);
+	uint64_t since = h->since_ns ? h->since_ns : now_ns();
 	int r;
 
 	dl->buf = (char *)buf + head;
@@ -917,6 +919,7 @@ static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uin
 	if (!head)
 		return r;
 	struct cache_fetch_hint rest = *h;
+	rest.since_ns = since;
 	rest.hooks.progress = NULL;
 	rest.hooks.on_wire = stream_demand_on_wire;
 	rest.hooks.on_wire_opaque = d;

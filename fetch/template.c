@@ -212,7 +212,7 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 			const struct fetch_req *rq)
 {
 	enum fetch_prio prio = rq->prio;
-	uint64_t start = now_ns();
+	uint64_t start = rq->since_ns ? rq->since_ns : now_ns();
 	uint64_t deadline = start + (uint64_t)t->pool->opts.timeout_s * 1000000000ull;
 	unsigned backoff_ms = RETRY_MIN_MS;
 	struct http_reply reply;
@@ -229,9 +229,11 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 			if (!h)
 				return -errno;
 			uint64_t now = now_ns();
-			long timeout_ms = prio == FETCH_PRIO_DEMAND && deadline > now
-						  ? (long)((deadline - now) / 1000000) + 1
-						  : 0;
+			/* 0 is no limit: a deadline already past (since_ns)
+			 * leaves one attempt of 1 ms. */
+			long timeout_ms = prio != FETCH_PRIO_DEMAND ? 0
+					  : deadline > now ? (long)((deadline - now) / 1000000) + 1
+							   : 1;
 			if (rq->hooks.on_wire)
 				rq->hooks.on_wire(rq->hooks.on_wire_opaque, 1);
 			r = http_range_get(t->pool, h, t->url, t->etag, t->last_modified, t->size, buf,

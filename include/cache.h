@@ -37,6 +37,9 @@ enum cache_prio {
 struct cache_fetch_hint {
 	enum cache_prio prio;
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
+	uint64_t since_ns; /* DEMAND: the timeout counts from this now_ns()
+			    * time (a request that finishes a fetch begun
+			    * earlier); 0: from the call */
 	struct xfer_hooks hooks; /* set by the cache, passed on to the transfer */
 };
 

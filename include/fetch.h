@@ -107,14 +107,17 @@ void fetch_template_free(struct fetch_template *t);
 struct fetch_req {
 	enum fetch_prio prio;
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
+	uint64_t since_ns; /* DEMAND: the timeout counts from this now_ns()
+			    * time; 0: from the call */
 	struct xfer_hooks hooks;
 };
 
 /*
  * Reads exactly len bytes at off.  DEMAND requests retry until the pool's
- * timeout; STREAM requests try a few times and return, leaving back-off to
- * the streamer.  Returns 0 or -ESTALE (template changed), -ETIMEDOUT,
- * -EHOSTUNREACH, -EAGAIN, -EIO.  buf is borrowed for the call.
+ * timeout has passed (counted from rq->since_ns if set); STREAM requests
+ * try a few times and return, leaving back-off to the streamer.  Returns 0
+ * or -ESTALE (template changed), -ETIMEDOUT, -EHOSTUNREACH, -EAGAIN, -EIO.
+ * buf is borrowed for the call.
  */
 int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_t off,
 			const struct fetch_req *rq) __attribute__((warn_unused_result));

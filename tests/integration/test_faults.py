@@ -567,6 +567,57 @@ def test_reader_first_on_a_slow_link():
     srv.stop()
 
 
+def test_reader_first_parts_share_one_timeout():
+    # The two requests of a reader-first fetch share one timeout=, counted
+    # from the first: a reader waiting for the chunk's first part gets EIO
+    # once timeout= has passed since the fetch began, as it would with a
+    # one-request fetch, not after a timeout= of its own request.  The
+    # reader's part takes 2 s (256 KiB at 128 KiB/s); the first part then
+    # meets a persistent 503.  timeout=3: EIO at 3 s, where a timeout per
+    # request gave 2 + 3 = 5 s.
+    t, srv, img = setup("rfto")
+    srv.set_rules([rule("slow", t, rate=MiB)])
+    skip = 768 * KiB
+    allow = [r"HTTP 503", r"cannot fetch"]
+    opts = ("stream=manual", "readahead=0", "timeout=3")
+    with h.Mount(ws(), img, opts=opts, allow=allow) as m:
+        read_ok(m, "rfto", t, 0, 4 * KiB, "read at the start of chunk 0")
+        h.wait_until(lambda: xattr(m.path("rfto"), "cached") == str(CHUNK), 20,
+                     "chunk 0 present")
+        srv.set_rules([rule("slow", t, rate=128 * KiB, count=1), rule("status", t, status=503)])
+        srv.mark()
+        late = ReadInThread(m.path("rfto"), 2 * MiB + skip, 4 * KiB, direct=True)
+        late.join(10, "read late in chunk 2")
+        if late.error is not None:
+            fail(f"read late in chunk 2 failed: {late.error!r}\nstderr:\n{m.stderr()}")
+        expect_equal("read late in chunk 2", late.result, t.read(2 * MiB + skip, 4 * KiB))
+        if late.elapsed >= 1:
+            fail(f"the read late in chunk 2 took {late.elapsed:.2f} s: it was not fetched "
+                 "reader first")
+        start = ReadInThread(m.path("rfto"), 2 * MiB, 4 * KiB, direct=True).join(
+            20, "read at the start of chunk 2")
+        if start.error is None or start.error.errno != errno.EIO:
+            fail(f"the read at the start of chunk 2 gave {start.error or start.result!r}, "
+                 "expected EIO")
+        since = start.t0 + start.elapsed - late.t0
+        h.log(f"EIO for the first part {since:.2f} s after the reader-first fetch began")
+        if not 2.5 <= since <= 3.8:
+            fail(f"the read of chunk 2's first part failed {since:.2f} s after the fetch "
+                 "began, with timeout=3: expected 2.5-3.8 s")
+        recs = srv.records(f"/{t.name}")
+        if (not recs or rec_range(recs[0]) != (2 * MiB + skip, 3 * MiB - 1)
+                or recs[0]["status"] != 206
+                or any(rec_range(r) != (2 * MiB, 2 * MiB + skip - 1) or r["status"] != 503
+                       for r in recs[1:]) or len(recs) < 2):
+            fail(f"expected the reader's part, then 503s for the first part:\n{show(recs)}")
+        h.wait_until(lambda: xattr(m.path("rfto"), "waiting") == "0", 10, "fetches to end")
+        if xattr(m.path("rfto"), "cached") != str(CHUNK):
+            fail("chunk 2 counts as present though its first part never arrived")
+        srv.set_rules([])
+        read_ok(m, "rfto", t, 2 * MiB, 4 * KiB, "read of chunk 2 once the server is back")
+    srv.stop()
+
+
 def test_streamer_run_stored_chunk_by_chunk():
     # Every response stalls after 1.5 MiB.  The streamer asks for runs of
     # 1, 2, then 4 chunks: only its first run (one chunk) can complete.
