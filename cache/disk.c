@@ -28,33 +28,47 @@
 #include "manifest.h"
 #include "util.h"
 
-/* The budget of BACKGROUND_BUFFER_BUDGET: process-wide by nature (it
- * bounds the process's memory), private to this file. */
-static pthread_mutex_t budget_lock = PTHREAD_MUTEX_INITIALIZER; /* leaf */
-static pthread_cond_t budget_cond = PTHREAD_COND_INITIALIZER;
-static uint64_t budget_used; /* guarded by budget_lock */
+/* The fetch buffer budgets: process-wide by nature (they bound the
+ * process's memory), private to this file. */
+struct budget {
+	pthread_mutex_t lock; /* leaf */
+	pthread_cond_t cond;
+	uint64_t used;        /* guarded by lock */
+	uint64_t size;
+	unsigned beside;      /* a request of more than size/beside may still
+			       * run beside beside-1 others */
+};
 
-/*
- * Waits until len bytes of background buffer budget are free, takes them.
- * A request of more than half the budget (a 16M chunk) may still run
- * beside one other: alone, one 16 MiB request at a time streamed below a
- * single curl at 20 ms.  So the bound is max(budget, 2 x largest chunk).
- */
-static void budget_take(uint64_t len)
+/* A background request of more than half the budget (a 16M chunk) may
+ * still run beside one other: alone, one 16 MiB request at a time streamed
+ * below a single curl at 20 ms.  So its bound is max(budget, 2 x largest
+ * chunk).  A demand run larger than its budget runs alone. */
+static struct budget background_budget = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+					  0, BACKGROUND_BUFFER_BUDGET, 2};
+static struct budget demand_budget = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0,
+				      DEMAND_BUFFER_BUDGET, 1};
+
+/* Waits until len bytes of budget b are free, takes them. */
+static void budget_take(struct budget *b, uint64_t len)
 {
-	uint64_t limit = MAX((uint64_t)BACKGROUND_BUFFER_BUDGET, 2 * len);
+	uint64_t limit = MAX(b->size, b->beside * len);
 
-	LOCK_GUARD(&budget_lock);
-	while (budget_used && budget_used + len > limit)
-		pthread_cond_wait(&budget_cond, &budget_lock);
-	budget_used += len;
+	LOCK_GUARD(&b->lock);
+	while (b->used && b->used + len > limit)
+		pthread_cond_wait(&b->cond, &b->lock);
+	b->used += len;
 }
 
-static void budget_give(uint64_t len)
+static void budget_give(struct budget *b, uint64_t len)
 {
-	LOCK_GUARD(&budget_lock);
-	budget_used -= len;
-	pthread_cond_broadcast(&budget_cond);
+	LOCK_GUARD(&b->lock);
+	b->used -= len;
+	pthread_cond_broadcast(&b->cond);
+}
+
+static struct budget *fill_budget(bool background)
+{
+	return background ? &background_budget : &demand_budget;
 }
 
 /*
@@ -729,6 +743,7 @@ static void *storeq_worker(void *opaque)
 		bool local;
 		int r = store_run(d, j->a, j->b, j->buf, false, &local);
 		buf_put(j->buf, len);
+		budget_give(&demand_budget, len); /* only demand fills are queued */
 		fill_finish(d, j->claims, j->a, j->b, r, local, 0);
 		free(j);
 
@@ -946,8 +961,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	struct cache_fetch_hint h = *hint;
 	struct run_store rs = {.d = d, .a = a, .b = b, .next = a};
 
+	budget_take(fill_budget(background), len);
 	if (background) {
-		budget_take(len);
 		h.hooks.hold = stream_hold;
 		h.hooks.hold_opaque = d;
 	} else {
@@ -1005,7 +1020,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			clear_transient_error(d);
 		}
 		if (r >= 0 && dl && (dl->answered || *dl->out) && storeq_push(d, claims, a, b, buf))
-			return 0; /* the job owns buf and the claims now */
+			return 0; /* the job owns buf, its budget and the claims now */
 		/* What early stores did not store: all of it, from a source
 		 * that reports no progress (file://). */
 		if (r >= 0)
@@ -1020,8 +1035,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			stream_account(d, len);
 	}
 	buf_put(buf, len);
-	if (background)
-		budget_give(len);
+	budget_give(fill_budget(background), len);
 	fill_finish(d, claims, a, b, r, local, bad);
 	return r;
 }

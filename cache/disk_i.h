@@ -175,9 +175,20 @@ uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
  * Background fills (streamer, read-ahead) of all disks together hold at
  * most this much in fetch buffers (or two chunks, for chunks larger than
  * half of it), so memory stays bounded whatever the number of disks and
- * connections; demand fills are never held back.
+ * connections.
  */
 #define BACKGROUND_BUFFER_BUDGET (24u << 20)
+
+/*
+ * Demand fills (reads, writes' fills) of all disks together hold at most
+ * this much in fetch buffers, from the fetch until their store is done (or
+ * one run, if larger): readers are answered before the store, so without a
+ * bound a fast link piles up buffers waiting to be stored, and many cold
+ * readers hold a buffer each (16M chunks, 8 readers: 118 MiB).  Demand and
+ * background budgets are apart: a reader never waits for the streamer's
+ * buffers.
+ */
+#define DEMAND_BUFFER_BUDGET (16u << 20)
 
 /* First absent chunk at or after from, or -1.  Takes d->lock. */
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
