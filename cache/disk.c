@@ -887,12 +887,17 @@ static void link_learn(struct cache_disk *d, const struct deliver *dl)
 
 /*
  * Reader first: where the bytes before the reader's in a run would take
- * longer to arrive than two first-byte times, the run is fetched in two
+ * longer to arrive than half a first-byte time, the run is fetched in two
  * requests, from the reader's page to the end and then the rest, so the
  * reader waits for about one round trip whatever its place in the chunk.
- * The cost is a request more, and one round trip more for another reader
- * of the first part; on links where that outweighs the gain (loopback,
- * long round trips) the estimate says no.  See BENCHMARKS.md (3).
+ * The cost is a request more: a connection held a round trip longer (and
+ * the streamer held back as long), and a round trip more for another
+ * reader of the first part.  The reader itself never pays it, and while
+ * other readers wait the run stays one request.  On loopback, where a
+ * 1 MiB chunk arrives in about one first-byte time, splitting at half of
+ * one took a lone reader's p50 from 0.22-0.24 to 0.16-0.20 ms; at 20 ms
+ * round trip the first part of a 1 MiB chunk takes a tenth of one, and
+ * the run stays one request.  See BENCHMARKS.md (3).
  * Returns the length of the first part to fetch second, or 0.
  */
 #define READER_FIRST_MIN (64u << 10)
@@ -910,7 +915,7 @@ static uint64_t reader_first_head(struct cache_disk *d, uint64_t skip)
 		return 0;
 	/* In KiB (< 2^22 for any run) times at most 2^39 ns per MiB (a MiB
 	 * in 9 minutes): no overflow. */
-	return ((head >> 10) * MIN(per_mib, 1ull << 39) >> 10) > 2 * first ? head : 0;
+	return ((head >> 10) * MIN(per_mib, 1ull << 39) >> 10) * 2 > first ? head : 0;
 }
 
 /* A demand fetch that answers its reader early: the run, or its two parts
