@@ -524,6 +524,23 @@ def test_read_answered_before_its_chunk_is_whole():
     srv.stop()
 
 
+def read_late_in_chunk_2(m, srv, name, t, skip, rules, timeout):
+    """Reader first needs the link learnt: reads the start of chunk 0 (one
+    GET, at the 1 MiB/s set up by the caller), then sets `rules`, marks the
+    log and reads 4 KiB at skip into chunk 2, which must give the
+    template's bytes.  Returns the ReadInThread."""
+    read_ok(m, name, t, 0, 4 * KiB, "read at the start of chunk 0")
+    h.wait_until(lambda: xattr(m.path(name), "cached") == str(CHUNK), 20, "chunk 0 present")
+    srv.set_rules(rules)
+    srv.mark()
+    rd = ReadInThread(m.path(name), 2 * MiB + skip, 4 * KiB, direct=True)
+    rd.join(timeout, "read late in chunk 2")
+    if rd.error is not None:
+        fail(f"read late in chunk 2 failed: {rd.error!r}\nstderr:\n{m.stderr()}")
+    expect_equal("read late in chunk 2", rd.result, t.read(2 * MiB + skip, 4 * KiB))
+    return rd
+
+
 def test_reader_first_on_a_slow_link():
     # On a link where a chunk takes much longer to arrive than a request
     # takes to get its first bytes, a read late in a chunk is fetched
@@ -535,15 +552,7 @@ def test_reader_first_on_a_slow_link():
     srv.set_rules([rule("slow", t, rate=MiB)])
     skip = 768 * KiB
     with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
-        read_ok(m, "rf", t, 0, 4 * KiB, "read at the start of chunk 0")
-        h.wait_until(lambda: xattr(m.path("rf"), "cached") == str(CHUNK), 20,
-                     "chunk 0 present")
-        srv.mark()
-        rd = ReadInThread(m.path("rf"), 2 * MiB + skip, 4 * KiB, direct=True)
-        rd.join(40, "read late in chunk 2")
-        if rd.error is not None:
-            fail(f"read late in chunk 2 failed: {rd.error!r}\nstderr:\n{m.stderr()}")
-        expect_equal("read late in chunk 2", rd.result, t.read(2 * MiB + skip, 4 * KiB))
+        rd = read_late_in_chunk_2(m, srv, "rf", t, skip, [rule("slow", t, rate=MiB)], 40)
         h.wait_until(lambda: xattr(m.path("rf"), "cached") == str(2 * CHUNK), 20,
                      "chunk 2 present")
         recs = srv.records(f"/{t.name}")
@@ -581,16 +590,9 @@ def test_reader_first_parts_share_one_timeout():
     allow = [r"HTTP 503", r"cannot fetch"]
     opts = ("stream=manual", "readahead=0", "timeout=3")
     with h.Mount(ws(), img, opts=opts, allow=allow) as m:
-        read_ok(m, "rfto", t, 0, 4 * KiB, "read at the start of chunk 0")
-        h.wait_until(lambda: xattr(m.path("rfto"), "cached") == str(CHUNK), 20,
-                     "chunk 0 present")
-        srv.set_rules([rule("slow", t, rate=128 * KiB, count=1), rule("status", t, status=503)])
-        srv.mark()
-        late = ReadInThread(m.path("rfto"), 2 * MiB + skip, 4 * KiB, direct=True)
-        late.join(10, "read late in chunk 2")
-        if late.error is not None:
-            fail(f"read late in chunk 2 failed: {late.error!r}\nstderr:\n{m.stderr()}")
-        expect_equal("read late in chunk 2", late.result, t.read(2 * MiB + skip, 4 * KiB))
+        late = read_late_in_chunk_2(m, srv, "rfto", t, skip,
+                                    [rule("slow", t, rate=128 * KiB, count=1),
+                                     rule("status", t, status=503)], 10)
         if late.elapsed >= 1:
             fail(f"the read late in chunk 2 took {late.elapsed:.2f} s: it was not fetched "
                  "reader first")
