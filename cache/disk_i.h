@@ -182,11 +182,11 @@ uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
 /*
  * Demand fills (reads, writes' fills) of all disks together hold at most
  * this much in fetch buffers, from the fetch until their store is done (or
- * one run, if larger): readers are answered before the store, so without a
- * bound a fast link piles up buffers waiting to be stored, and many cold
- * readers hold a buffer each (16M chunks, 8 readers: 118 MiB).  Demand and
- * background budgets are apart: a reader never waits for the streamer's
- * buffers.
+ * two chunks, for chunks larger than half of it): readers are answered
+ * before the store, so without a bound a fast link piles up buffers
+ * waiting to be stored, and many cold readers hold a buffer each (16M
+ * chunks, 8 readers: 118 MiB).  Demand and background budgets are apart:
+ * a reader never waits for the streamer's buffers.
  */
 #define DEMAND_BUFFER_BUDGET (16u << 20)
 
