@@ -190,6 +190,15 @@ uint64_t disk_run_len(const struct cache_disk *d, uint64_t first, uint64_t last)
  */
 #define DEMAND_BUFFER_BUDGET (16u << 20)
 
+/*
+ * A demand fill waits at most this long for that budget, then goes on
+ * over it.  Fills that hold the budget longer are stalled or retrying (a
+ * template down, a stalled response): they hold little memory, since a
+ * buffer's pages are touched as the body arrives, and a reader of another
+ * disk, or of another server, must not wait for their timeout=.
+ */
+#define DEMAND_BUFFER_WAIT_NS (1000ull * 1000 * 1000)
+
 /* First absent chunk at or after from, or -1.  Takes d->lock. */
 int64_t disk_next_absent(struct cache_disk *d, uint64_t from);
 

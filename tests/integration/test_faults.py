@@ -620,6 +620,43 @@ def test_reader_first_parts_share_one_timeout():
     srv.stop()
 
 
+def test_a_template_down_does_not_hold_up_another_disk():
+    # Demand fetch buffers share one budget over all disks (16 MiB; two
+    # chunks with 16M chunks).  Fills of a disk whose template answers 503
+    # hold it while they retry, up to timeout=; a cold read of another
+    # disk waits at most 1 s for it, not for their timeout=.
+    ta = template("f-downa.img", 48 * MiB)
+    tb = template("f-upb.img", 16 * MiB)
+    srv = FaultServer(ws()).start()
+    img = image_dir()
+    h.ctl_add(img, "downa", srv.url(ta.name), chunk_size="16M")
+    h.ctl_add(img, "upb", srv.url(tb.name), chunk_size="16M")
+    srv.set_rules([rule("status", ta, status=503)])
+    allow = [r"HTTP 503", r"cannot fetch"]
+    opts = ("stream=manual", "readahead=0", "timeout=6")
+    with h.Mount(ws(), img, opts=opts, allow=allow) as m:
+        stuck = [ReadInThread(m.path("downa"), k * 16 * MiB, 4 * KiB, direct=True)
+                 for k in range(3)]
+        time.sleep(0.5)
+        rd = ReadInThread(m.path("upb"), 4 * KiB, 4 * KiB, direct=True).join(
+            30, "cold read of the other disk")
+        if rd.error is not None:
+            fail(f"the read of the other disk failed: {rd.error!r}\nstderr:\n{m.stderr()}")
+        expect_equal("cold read of the other disk", rd.result, tb.read(4 * KiB, 4 * KiB))
+        h.log(f"cold read of a healthy disk while another's template is down: "
+              f"{rd.elapsed:.2f} s")
+        if rd.elapsed > 3.5:
+            fail(f"the cold read of a healthy disk took {rd.elapsed:.2f} s while reads of a "
+                 "disk whose template is down retried (timeout=6): it waited for their "
+                 "fetch buffers")
+        for k, st in enumerate(stuck):
+            st.join(30, f"read of chunk {k} of the disk whose template is down")
+            if st.error is None or st.error.errno != errno.EIO:
+                fail(f"read of chunk {k} of the disk whose template is down gave "
+                     f"{st.error or st.result!r}, expected EIO")
+    srv.stop()
+
+
 def test_streamer_run_stored_chunk_by_chunk():
     # Every response stalls after 1.5 MiB.  The streamer asks for runs of
     # 1, 2, then 4 chunks: only its first run (one chunk) can complete.
