@@ -229,11 +229,23 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 			if (!h)
 				return -errno;
 			uint64_t now = now_ns();
-			/* 0 is no limit: a deadline already past (since_ns)
-			 * leaves one attempt of 1 ms. */
-			long timeout_ms = prio != FETCH_PRIO_DEMAND ? 0
-					  : deadline > now ? (long)((deadline - now) / 1000000) + 1
-							   : 1;
+			if (prio == FETCH_PRIO_DEMAND && now >= deadline) {
+				/* Past it already (the back-off's last sleep, a long
+				 * wait for a connection, since_ns): nothing is sent,
+				 * and 0 below would mean no limit.  After a failed
+				 * attempt, its error stands. */
+				pool_release(t->pool, h, false);
+				if (attempt > 1)
+					return r == -ETIMEDOUT ? r : -EIO;
+				char msg[sizeof(t->last_error)];
+				snprintf(msg, sizeof(msg), "timed out: timeout of %u s passed (%s)",
+					 t->pool->opts.timeout_s, t->shown);
+				set_last_error(t, msg);
+				return -ETIMEDOUT;
+			}
+			long timeout_ms = prio == FETCH_PRIO_DEMAND
+						  ? (long)((deadline - now) / 1000000) + 1
+						  : 0;
 			if (rq->hooks.on_wire)
 				rq->hooks.on_wire(rq->hooks.on_wire_opaque, 1);
 			r = http_range_get(t->pool, h, t->url, t->etag, t->last_modified, t->size, buf,
