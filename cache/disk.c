@@ -32,7 +32,8 @@
  * process's memory), private to this file. */
 struct budget {
 	pthread_mutex_t lock; /* leaf */
-	pthread_cond_t cond;  /* on now_ns()'s clock (budget_once) */
+	pthread_cond_t cond;  /* on now_ns()'s clock, made by budget_once
+			       * before the first take (so before any give) */
 	uint64_t used;        /* guarded by lock */
 	uint64_t size;
 	uint64_t max_wait_ns; /* 0: waits as long as it takes */
@@ -45,11 +46,12 @@ struct budget {
  * 20 ms, and a reader of 16M chunks waited for its previous read's fill
  * to end (cold reads at 20 ms: p50 81 against 41 ms).
  */
-static struct budget background_budget = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-					  0, BACKGROUND_BUFFER_BUDGET, 0};
-static struct budget demand_budget = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0,
-				      DEMAND_BUFFER_BUDGET, DEMAND_BUFFER_WAIT_NS};
-static pthread_once_t budget_once = PTHREAD_ONCE_INIT;
+static struct budget background_budget = {.lock = PTHREAD_MUTEX_INITIALIZER,
+					  .size = BACKGROUND_BUFFER_BUDGET};
+static struct budget demand_budget = {.lock = PTHREAD_MUTEX_INITIALIZER,
+				      .size = DEMAND_BUFFER_BUDGET,
+				      .max_wait_ns = DEMAND_BUFFER_WAIT_NS};
+static pthread_once_t budget_once = PTHREAD_ONCE_INIT; /* inits the conds */
 
 static void budget_init(void)
 {
