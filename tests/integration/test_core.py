@@ -248,9 +248,10 @@ def test_cold_readers_share_a_bounded_buffer_budget():
     # Readers are answered before their chunk is stored, and each cold
     # reader holds a fetch buffer of a chunk: without a bound, 8 cold
     # readers of 16M chunks through 8 connections took the daemon to 74-90
-    # MiB.  Demand buffers together stay within 16 MiB (one run if
-    # larger), so peak RSS stays under SPEC's 64 MiB, and the readers take
-    # turns instead.  Not under sanitizers, whose shadow memory is RSS too.
+    # MiB.  Demand buffers together stay within 16 MiB (two chunks with
+    # 16M chunks), so peak RSS stays under SPEC's 64 MiB, and the readers
+    # take turns instead.  Not under sanitizers, whose shadow memory is RSS
+    # too.
     t = template("budget.img")
     chunk = 16 * MiB
     with h.Nginx(ws()) as ng:
