@@ -946,7 +946,7 @@ static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uin
 			      const struct cache_fetch_hint *h, struct deliver *dl)
 {
 	uint64_t head = reader_first_head(d, dl->off - off);
-	uint64_t since = h->since_ns ? h->since_ns : now_ns();
+	uint64_t since = !head ? 0 : h->since_ns ? h->since_ns : now_ns();
 	int r;
 
 	dl->buf = (char *)buf + head;
