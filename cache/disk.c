@@ -1016,7 +1016,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		/* A fill with dl starts unanswered: ensure_chunks() calls it
 		 * again only after a fill that did not answer. */
 		if (!background) {
-			atomic_fetch_add(&d->waiting, 1);
+			stream_demand_waiting(d, +1);
 			atomic_fetch_add(&d->unanswered, 1);
 		}
 		/* A chunk that does not match the manifest is fetched once
@@ -1034,7 +1034,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 				 bad, attempt ? "" : "; fetching it again");
 		}
 		if (!background) {
-			atomic_fetch_sub(&d->waiting, 1);
+			stream_demand_waiting(d, -1);
 			if (!(dl && dl->answered))
 				atomic_fetch_sub(&d->unanswered, 1);
 		}

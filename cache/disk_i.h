@@ -119,8 +119,7 @@ struct cache_disk {
 	atomic_int sync_error;      /* -errno of a failed fdatasync of the image,
 				     * sticky until the disk is opened again;
 				     * set under commit_lock */
-	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
-	atomic_uint_fast64_t demand_on_wire;    /* of those, requests under way */
+	atomic_uint_fast64_t waiting;  /* demand fetches in progress (stream.c) */
 	/* The link as demand fetches see it (0 = not measured yet): time from
 	 * a request going out to its first body bytes, and body time per MiB.
 	 * Moving averages; read and written without a lock. */
@@ -243,11 +242,14 @@ void stream_destroy(struct cache_disk *d);
 void stream_snapshot(struct cache_disk *d, enum stream_mode *ret_mode, uint64_t *ret_pos);
 /* Measured streaming rate in bytes/s. Lock-free. */
 uint64_t stream_rate(struct cache_disk *d);
-/* xfer_hooks.hold of background fills (opaque: the disk): sleeps
- * while a demand request is on the wire, within the limits of stream.c. */
+/* xfer_hooks.hold of background fills: sleeps while a demand request of
+ * any disk is on the wire, within the limits of stream.c. */
 void stream_hold(void *opaque);
-/* xfer_hooks.on_wire of demand fills (opaque: the disk). */
+/* xfer_hooks.on_wire of demand fills. */
 void stream_demand_on_wire(void *opaque, int delta);
+/* A demand fetch of d begins (+1) or ends (-1): counts it in d->waiting
+ * and for the holding back of every disk's background work. */
+void stream_demand_waiting(struct cache_disk *d, int delta);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);
 

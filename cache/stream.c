@@ -9,13 +9,15 @@
  * is freed) plus callers of the cache_disk_stream_* API from control
  * handlers.  Demand reads never wait for the streamer: the streamer never
  * holds a lock across a fetch, and the source serves DEMAND first.  More:
- * while a demand fetch is in progress, background threads (streamer and
- * read-ahead) hold back: they start no new request, transfers under way
- * stop reading their sockets (so TCP slows the server's side too), and the
- * streamer's run size starts again from one chunk.  The link, the CPU and
- * the image's inode lock go to the read a VM waits for.  A thread holds
- * back YIELD_MAX_NS at most in every 2 * YIELD_MAX_NS, so a busy VM slows
- * streaming but never stops it.
+ * while a demand fetch of any disk of the mount is in progress, background
+ * threads (streamers and read-ahead of every disk) hold back: they start
+ * no new request, transfers under way stop reading their sockets (so TCP
+ * slows the server's side too), and the streamer's run size starts again
+ * from one chunk.  The link, the CPU and the image's inode lock go to the
+ * read a VM waits for; the disks share the CPU, the connections and
+ * mostly the link, so a VM's read does not wait behind another disk's
+ * stream either.  A thread holds back YIELD_MAX_NS at most in every
+ * 2 * YIELD_MAX_NS, so busy VMs slow streaming but never stop it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -108,16 +110,20 @@ uint64_t stream_rate(struct cache_disk *d)
 	return sum / window;
 }
 
+/* Demand fetches of every disk of the daemon: those in progress, and of
+ * them those whose request is under way. */
+static atomic_uint_fast64_t demand_waiting, demand_on_wire;
+
 /* This thread's holding back: the window it is in and how long it has
  * held in it (see yield_to_demand). */
 static _Thread_local uint64_t yield_window_start;
 static _Thread_local uint64_t yield_held_ns;
 
 /*
- * Holds this background thread back while *count (demand fetches of the
- * disk) is not 0, but for at most YIELD_MAX_NS in every 2 * YIELD_MAX_NS,
- * so that back-to-back demand reads slow the background to half speed at
- * worst, never to a stop.  Returns whether it held.  Call with no lock held.
+ * Holds this background thread back while *count (demand fetches) is not
+ * 0, but for at most YIELD_MAX_NS in every 2 * YIELD_MAX_NS, so that
+ * back-to-back demand reads slow the background to half speed at worst,
+ * never to a stop.  Returns whether it held.  Call with no lock held.
  *
  * The thread polls every YIELD_POLL_NS rather than being woken: waking it
  * from the demand read put the demand thread itself off the CPU (the woken
@@ -149,21 +155,30 @@ static bool yield_to_demand(atomic_uint_fast64_t *count)
 
 void stream_hold(void *opaque)
 {
-	struct cache_disk *d = opaque;
-
+	(void)opaque;
 	/* Only for demand requests on the wire: one still waiting for a
 	 * connection may be waiting for this very transfer's. */
-	yield_to_demand(&d->demand_on_wire);
+	yield_to_demand(&demand_on_wire);
 }
 
 void stream_demand_on_wire(void *opaque, int delta)
 {
-	struct cache_disk *d = opaque;
-
+	(void)opaque;
 	if (delta > 0)
-		atomic_fetch_add(&d->demand_on_wire, 1);
+		atomic_fetch_add(&demand_on_wire, 1);
 	else
-		atomic_fetch_sub(&d->demand_on_wire, 1);
+		atomic_fetch_sub(&demand_on_wire, 1);
+}
+
+void stream_demand_waiting(struct cache_disk *d, int delta)
+{
+	if (delta > 0) {
+		atomic_fetch_add(&d->waiting, 1);
+		atomic_fetch_add(&demand_waiting, 1);
+	} else {
+		atomic_fetch_sub(&d->waiting, 1);
+		atomic_fetch_sub(&demand_waiting, 1);
+	}
 }
 
 /* Records completion durably; called with no lock held. */
@@ -216,10 +231,10 @@ static void *stream_worker(void *opaque)
 		 * for a connection: they would only take connections from it.
 		 * After holding (or not, within its limits), everything above
 		 * is checked again: a stop or a quit may have come meanwhile. */
-		if (!demand_checked && atomic_load(&d->waiting)) {
+		if (!demand_checked && atomic_load(&demand_waiting)) {
 			st->run_chunks = 1;
 			pthread_mutex_unlock(&st->lock);
-			bool held = yield_to_demand(&d->waiting);
+			bool held = yield_to_demand(&demand_waiting);
 			pthread_mutex_lock(&st->lock);
 			demand_checked = !held;
 			continue;

@@ -657,6 +657,52 @@ def test_a_template_down_does_not_hold_up_another_disk():
     srv.stop()
 
 
+def test_a_demand_read_holds_back_another_disks_stream():
+    # While a demand fetch of any disk waits, the background work of every
+    # disk of the mount holds back: the streamer sleeps before each new
+    # request (half of the time at most), and its run size starts again
+    # from one chunk each time, where it grows to 4 chunks when nothing
+    # waits (see test_streamer_run_stored_chunk_by_chunk).  Disk holda's
+    # cold read waits 2 s for its response while disk holdb streams.
+    ta = template("f-holda.img", 8 * MiB)
+    tb = template("f-holdb.img", 32 * MiB)
+    srv = FaultServer(ws()).start()
+    img = image_dir()
+    h.ctl_add(img, "holda", srv.url(ta.name))
+    h.ctl_add(img, "holdb", srv.url(tb.name))
+    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
+        srv.mark()
+        srv.set_rules([rule("delay", ta, seconds=2, count=1)])
+        rd = ReadInThread(m.path("holda"), 4 * MiB, 4 * KiB, direct=True)
+        time.sleep(0.3)  # holda's fetch is on the wire
+        control(m, "start holdb\n")
+        rd.join(15, "cold read of holda")
+        if rd.error is not None:
+            fail(f"the cold read of holda failed: {rd.error!r}\nstderr:\n{m.stderr()}")
+        expect_equal("cold read of holda", rd.result, ta.read(4 * MiB, 4 * KiB))
+        if rd.elapsed < 1.5:
+            fail(f"the cold read of holda took {rd.elapsed:.2f} s: the server's delay "
+                 "of 2 s did not apply, so nothing here was tested")
+        read_end = time.time() - (time.monotonic() - (rd.t0 + rd.elapsed))
+        h.wait_until(lambda: xattr(m.path("holdb"), "state") == "complete", 60,
+                     "holdb complete")
+        recs = srv.records(f"/{tb.name}")
+        during = [r for r in recs if r["time"] < read_end - 0.05]
+        sizes = [(rec_range(r)[1] - rec_range(r)[0] + 1) // MiB for r in during]
+        h.log(f"holdb's requests (MiB) while holda's read waited: {sizes}; "
+              f"{len(recs) - len(during)} after")
+        if not during:
+            fail("holdb's stream made no request while holda's read waited: it is held "
+                 f"back for half of the time at most\n{show(recs)}")
+        # A worker can still take a run another one grew between its
+        # hold and its request: most, not all, are one chunk.
+        if sum(s > 1 for s in sizes) * 4 > len(sizes):
+            fail("holdb's streamer asked for runs of chunks while a demand read of holda "
+                 f"waited, as if nothing waited:\n{show(during)}")
+    check_image_region(img, "holdb", tb, 0, tb.size, "holdb streamed")
+    srv.stop()
+
+
 def test_streamer_run_stored_chunk_by_chunk():
     # Every response stalls after 1.5 MiB.  The streamer asks for runs of
     # 1, 2, then 4 chunks: only its first run (one chunk) can complete.
