@@ -731,8 +731,18 @@ struct store_job {
 	struct inflight *claims[];
 };
 
-/* At most this many bytes wait to be stored; beyond, readers store inline. */
-#define STOREQ_MAX_BYTES (16u << 20)
+/*
+ * At most this many bytes, over all disks, wait for the store workers;
+ * beyond, fills store inline (after answering their reader).  Half of the
+ * demand budget, whose buffers they are: where stores fall behind the
+ * fetches (back-to-back cold reads during a full-speed stream on
+ * loopback), a queue holding the whole budget left every new cold read
+ * waiting for it, up to DEMAND_BUFFER_WAIT_NS; now the fills beyond it
+ * store in their own threads, beside the worker, and half of the budget
+ * stays for fetches (BENCHMARKS.md (7)).
+ */
+#define STOREQ_MAX_BYTES (DEMAND_BUFFER_BUDGET / 2)
+static atomic_uint_fast64_t storeq_bytes; /* queued on every disk */
 
 static void storeq_init(struct cache_disk *d)
 {
@@ -767,8 +777,8 @@ static void *storeq_worker(void *opaque)
 		fill_finish(d, j->claims, j->a, j->b, r, local, 0);
 		free(j);
 
+		atomic_fetch_sub(&storeq_bytes, len);
 		pthread_mutex_lock(&q->lock);
-		q->bytes -= len;
 	}
 	pthread_mutex_unlock(&q->lock);
 	return NULL;
@@ -793,11 +803,13 @@ static bool storeq_push(struct cache_disk *d, struct inflight **claims, uint64_t
 	memcpy(j->claims, claims, n * sizeof(j->claims[0]));
 
 	LOCK_GUARD(&q->lock);
-	if (q->quit || q->bytes + len > STOREQ_MAX_BYTES)
+	if (q->quit)
 		goto refuse;
+	if (atomic_fetch_add(&storeq_bytes, len) + len > STOREQ_MAX_BYTES)
+		goto unqueue;
 	if (!q->started) {
 		if (pthread_create(&q->thread, NULL, storeq_worker, d))
-			goto refuse;
+			goto unqueue;
 		q->started = true;
 	}
 	if (q->tail)
@@ -805,10 +817,11 @@ static bool storeq_push(struct cache_disk *d, struct inflight **claims, uint64_t
 	else
 		q->head = j;
 	q->tail = j;
-	q->bytes += len;
 	pthread_cond_signal(&q->cond);
 	return true;
 
+unqueue:
+	atomic_fetch_sub(&storeq_bytes, len);
 refuse:
 	free(j);
 	return false;

@@ -80,7 +80,6 @@ struct storeq {
 	pthread_cond_t cond;     /* a job was queued, or quit */
 	struct store_job *head;  /* oldest job first */
 	struct store_job *tail;
-	uint64_t bytes;          /* buffer bytes queued */
 	bool started;            /* thread is running */
 	bool quit;               /* drain the queue, then exit */
 	pthread_t thread;
