@@ -16,7 +16,8 @@ and measures streamfs against a baseline in the same run, as ratios:
            direct-io (default) and -o nodirectio                 (2)
   random   cold random 4 KiB reads, 1 and 8 readers           (3)
   ttfb     mount start -> first 4 KiB read returns            (4)
-  demand   cold 4 KiB read latency while streaming vs idle    (7)
+  demand   cold 4 KiB read latency while streaming vs idle, reads of
+           the streaming disk and of another disk of the mount (7)
   seq      cold sequential dd through the mount vs curl       (8)
   huge     peak RSS with a 1 TiB sparse template              (5)
   sweep    streaming throughput vs chunk size and connections (plots)
@@ -897,59 +898,69 @@ class Bench:
 
     # --------------------------------------------------------------- (7)
     def sec_demand(self):
+        """Cold reads of disk vm while vm streams (the target), and cold reads
+        of disk rnd (random template) while vm, another disk of the same
+        mount, streams."""
         chunk = size_bytes(self.chunk)
-        nchunks = self.sizes["vm"] // chunk
         n = 30 if self.quick else 50
-        res = {}
+        res, other = {}, {}
         for net in ("loopback", "wan"):
-            rows = []
-            for i in range(self.runs):
-                imgdir = self.new_imgdir()
-                self.add(imgdir, "vm", self.url(net, "vm"))
-                m = self.mount(imgdir, "manual")
-                path = m.disk("vm")
-                fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                chunks = self.rng.sample(range(nchunks), n)
-                used = set(chunks)
-                idle, _ = self.cold_reads(fd, self.cold_offsets(chunks, chunk), 1)
-                m.control("start vm")
-                time.sleep(0.05)  # let the streamer reach full speed
-                c0, t0 = int(m.xattr("vm", "cached")), time.perf_counter()
-                busy, skipped = [], 0
-                while len(busy) < n:
-                    pos = int(m.xattr("vm", "position")) // chunk
-                    cand = [c for c in range(pos + 16, nchunks) if c not in used]
-                    if len(cand) < 4 or m.xattr("vm", "state") != "streaming":
-                        break
-                    c = self.rng.choice(cand)
-                    used.add(c)
-                    off = c * chunk + self.rng.randrange(chunk // 4096) * 4096
-                    t = time.perf_counter()
-                    os.pread(fd, 4096, off)
-                    t = time.perf_counter() - t
-                    if m.xattr("vm", "state") == "streaming":
-                        busy.append(t)
-                    else:
-                        skipped += 1
-                c1, t1 = int(m.xattr("vm", "cached")), time.perf_counter()
-                os.close(fd)
-                self.unmount(m)
-                self.discard(imgdir)
-                row = {"idle_p50": pct(idle, 50), "idle_p99": pct(idle, 99),
-                       "busy_p50": pct(busy, 50), "busy_p99": pct(busy, 99),
-                       "busy_n": len(busy), "idle": idle, "busy": busy,
-                       "stream_rate": (c1 - c0) / (t1 - t0)}
-                row["ratio_p99"] = row["busy_p99"] / row["idle_p99"] if busy else None
-                row["ratio_p50"] = row["busy_p50"] / row["idle_p50"] if busy else None
-                rows.append(row)
-                log("demand %s run %d: idle p50 %.2f p99 %.2f ms; streaming (%.0f MiB/s) "
-                    "p50 %.2f p99 %.2f ms over %d reads"
-                    % (net, i + 1, row["idle_p50"] * 1e3, row["idle_p99"] * 1e3,
-                       row["stream_rate"] / MiB, (row["busy_p50"] or 0) * 1e3,
-                       (row["busy_p99"] or 0) * 1e3, len(busy)))
-            res[net] = rows
+            res[net] = [self.demand_once(net, chunk, n, i, False) for i in range(self.runs)]
+        for net in ("loopback", "wan"):
+            other[net] = [self.demand_once(net, chunk, n, i, True) for i in range(self.runs)]
+        res["other_disk"] = other
         self.results["demand"] = res
+
+    def demand_once(self, net, chunk, n, i, other):
+        imgdir = self.new_imgdir()
+        self.add(imgdir, "vm", self.url(net, "vm"))
+        read = "rnd" if other else "vm"
+        if other:
+            self.add(imgdir, "rnd", self.url(net, "random"))
+        nchunks = self.sizes["random" if other else "vm"] // chunk
+        m = self.mount(imgdir, "manual")
+        fd = os.open(m.disk(read), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        chunks = self.rng.sample(range(nchunks), n)
+        used = set(chunks)
+        idle, _ = self.cold_reads(fd, self.cold_offsets(chunks, chunk), 1)
+        m.control("start vm")
+        time.sleep(0.05)  # let the streamer reach full speed
+        c0, t0 = int(m.xattr("vm", "cached")), time.perf_counter()
+        busy, skipped = [], 0
+        while len(busy) < n:
+            # Reading vm itself: never a chunk the streamer has in flight.
+            pos = 0 if other else int(m.xattr("vm", "position")) // chunk + 16
+            cand = [c for c in range(pos, nchunks) if c not in used]
+            if len(cand) < 4 or m.xattr("vm", "state") != "streaming":
+                break
+            c = self.rng.choice(cand)
+            used.add(c)
+            off = c * chunk + self.rng.randrange(chunk // 4096) * 4096
+            t = time.perf_counter()
+            os.pread(fd, 4096, off)
+            t = time.perf_counter() - t
+            if m.xattr("vm", "state") == "streaming":
+                busy.append(t)
+            else:
+                skipped += 1
+        c1, t1 = int(m.xattr("vm", "cached")), time.perf_counter()
+        os.close(fd)
+        self.unmount(m)
+        self.discard(imgdir)
+        row = {"idle_p50": pct(idle, 50), "idle_p99": pct(idle, 99),
+               "busy_p50": pct(busy, 50), "busy_p99": pct(busy, 99),
+               "busy_n": len(busy), "idle": idle, "busy": busy,
+               "stream_rate": (c1 - c0) / (t1 - t0)}
+        row["ratio_p99"] = row["busy_p99"] / row["idle_p99"] if busy else None
+        row["ratio_p50"] = row["busy_p50"] / row["idle_p50"] if busy else None
+        log("demand %s%s run %d: idle p50 %.2f p99 %.2f ms; streaming (%.0f MiB/s) "
+            "p50 %.2f p99 %.2f ms over %d reads"
+            % (net, ", reads of another disk" if other else "", i + 1,
+               row["idle_p50"] * 1e3, row["idle_p99"] * 1e3,
+               row["stream_rate"] / MiB, (row["busy_p50"] or 0) * 1e3,
+               (row["busy_p99"] or 0) * 1e3, len(busy)))
+        return row
 
     # --------------------------------------------------------------- (8)
     # (key, extra mount options, label); the first is the measurement with a target
@@ -1261,6 +1272,25 @@ def verdict(ratio, target):
     return "yes" if ok else "**no**"
 
 
+def demand_rows(row, net, runs, what, target):
+    ok = [r for r in runs if r["busy_n"]]
+    allb = [x for r in runs for x in r["busy"]]
+    alli = [x for r in runs for x in r["idle"]]
+    pb, pi = pct(allb, 99), pct(alli, 99)
+    row("7", "cold 4 KiB read p99 while streaming at full speed vs idle (%s%s), "
+        "pooled over runs (n=%d / %d)" % (NET[net], what, len(allb), len(alli)),
+        fmt_ms(pb), "idle: " + fmt_ms(pi), pb / pi if allb else None, "latency", target)
+    row("7", "same, median of per-run p99 (≈ 2nd-largest of %d reads)"
+        % (len(runs[0]["idle"])),
+        fmt_ms(median(r["busy_p99"] for r in ok)),
+        "idle: " + fmt_ms(median(r["idle_p99"] for r in runs)),
+        median(r["ratio_p99"] for r in ok), "latency", None)
+    row("7", "cold 4 KiB read p50 while streaming vs idle (%s%s)" % (NET[net], what),
+        fmt_ms(median(r["busy_p50"] for r in ok)),
+        "idle: " + fmt_ms(median(r["idle_p50"] for r in runs)),
+        median(r["ratio_p50"] for r in ok), "latency", None)
+
+
 def render_markdown(R, pngs):
     env = R.get("env", {})
     L = []
@@ -1440,23 +1470,10 @@ def render_markdown(R, pngs):
     dm = R.get("demand")
     if dm:
         for net, runs in dm.items():
-            ok = [r for r in runs if r["busy_n"]]
-            allb = [x for r in runs for x in r["busy"]]
-            alli = [x for r in runs for x in r["idle"]]
-            pb, pi = pct(allb, 99), pct(alli, 99)
-            row("7", "cold 4 KiB read p99 while streaming at full speed vs idle (%s), "
-                "pooled over runs (n=%d / %d)" % (NET[net], len(allb), len(alli)),
-                fmt_ms(pb), "idle: " + fmt_ms(pi), pb / pi if allb else None, "latency",
-                ("<=", 2.0))
-            row("7", "same, median of per-run p99 (≈ 2nd-largest of %d reads)"
-                % (len(runs[0]["idle"])),
-                fmt_ms(median(r["busy_p99"] for r in ok)),
-                "idle: " + fmt_ms(median(r["idle_p99"] for r in runs)),
-                median(r["ratio_p99"] for r in ok), "latency", None)
-            row("7", "cold 4 KiB read p50 while streaming vs idle (%s)" % NET[net],
-                fmt_ms(median(r["busy_p50"] for r in ok)),
-                "idle: " + fmt_ms(median(r["idle_p50"] for r in runs)),
-                median(r["ratio_p50"] for r in ok), "latency", None)
+            if net != "other_disk":
+                demand_rows(row, net, runs, "", ("<=", 2.0))
+        for net, runs in dm.get("other_disk", {}).items():
+            demand_rows(row, net, runs, "; reads of another disk of the mount", None)
     sq = R.get("seq")
     if sq:
         sz = sizes["vm"]
@@ -1524,15 +1541,18 @@ def render_markdown(R, pngs):
                         " ".join("%.1f ms" % (r["mount_s"] * 1e3) for r in runs)))
         L.append("")
     if dm:
-        for net, runs in dm.items():
+        items = [(net, runs, "") for net, runs in dm.items() if net != "other_disk"]
+        items += [(net, runs, ", reads of another disk") for net, runs in
+                  dm.get("other_disk", {}).items()]
+        for net, runs, what in items:
             allb = [x for r in runs for x in r["busy"]]
             alli = [x for r in runs for x in r["idle"]]
             slow = 2 * pct(alli, 50)
-            L.append("Demand reads, %s, pooled over runs: idle n=%d p50 %s p90 %s p99 %s max %s, "
+            L.append("Demand reads, %s%s, pooled over runs: idle n=%d p50 %s p90 %s p99 %s max %s, "
                      "%d slower than %s (2x idle p50); streaming n=%d p50 %s p90 %s p99 %s max %s, "
                      "%d slower than %s; per-run p99 idle %s, streaming %s; streamer during the "
                      "reads: %s MiB/s.\n"
-                     % (NET[net], len(alli), fmt_ms(pct(alli, 50)), fmt_ms(pct(alli, 90)),
+                     % (NET[net], what, len(alli), fmt_ms(pct(alli, 50)), fmt_ms(pct(alli, 90)),
                         fmt_ms(pct(alli, 99)), fmt_ms(max(alli) if alli else None),
                         sum(x > slow for x in alli), fmt_ms(slow), len(allb),
                         fmt_ms(pct(allb, 50)), fmt_ms(pct(allb, 90)), fmt_ms(pct(allb, 99)),
