@@ -20,6 +20,8 @@ and measures streamfs against a baseline in the same run, as ratios:
            the streaming disk and of another disk of the mount (7)
   seq      cold sequential dd through the mount vs curl       (8)
   huge     peak RSS with a 1 TiB sparse template              (5)
+  coldrss  peak RSS under 8 concurrent cold readers, 1M and 16M chunks,
+           with and without a full-speed stream                 (5)
   sweep    streaming throughput vs chunk size and connections (plots)
   chunklat cold random 4 KiB read latency vs chunk size
 
@@ -61,7 +63,7 @@ RELAYS = {"wan": ("10", "6m"), "lan": ("0.25", "64k")}
 NET = {"loopback": "loopback", "wan": "20 ms RTT", "lan": "LAN-like: 0.5 ms RTT, 64 KiB window"}
 
 SECTIONS = ["stream", "warm", "cold", "partial", "random", "ttfb", "demand", "seq", "huge",
-            "sweep", "chunklat"]
+            "coldrss", "sweep", "chunklat"]
 SWEEP_CHUNKS = ["64K", "256K", "1M", "4M", "16M"]
 SWEEP_CONNS = [1, 2, 4, 8]
 DEFAULT_CHUNK = "1M"  # used when streamfs --help names no default
@@ -1038,6 +1040,58 @@ class Bench:
             "after streaming %s" % (add_s, mount_s, human(meta), human(hwm_reads),
                                     human(hwm_stream), human(streamed)))
 
+    # Peak RSS under concurrent cold readers: (chunk, readers, stream mode)
+    COLDRSS_CASES = (("1M", 8, "manual"), ("1M", 8, "auto"),
+                     ("16M", 8, "manual"), ("16M", 8, "auto"))
+
+    def sec_coldrss(self):
+        """Each reader thread makes 12 cold 4 KiB O_DIRECT reads at random
+        offsets of the random template, all at once, on a fresh mount
+        (stream=auto: while the streamer runs at full speed from the
+        mount on); the daemon's VmHWM at the end."""
+        size = self.sizes["random"]
+        per = 6 if self.quick else 12
+        res = []
+        for chunk, readers, stream in self.COLDRSS_CASES:
+            rows = []
+            for i in range(min(self.runs, 3)):
+                imgdir = self.new_imgdir()
+                self.add(imgdir, "rnd", self.url("loopback", "random"), chunk=chunk)
+                m = self.mount(imgdir, stream)
+                path = m.disk("rnd")
+                lat, errors = [], []
+
+                def reader(k):
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    buf = mmap.mmap(-1, 4096)
+                    rng = random.Random(self.args.seed * 1000 + i * 100 + k)
+                    try:
+                        for _ in range(per):
+                            off = rng.randrange(size // 4096) * 4096
+                            t0 = time.perf_counter()
+                            if os.preadv(fd, [buf], off) != 4096:
+                                raise RuntimeError("short read at %d" % off)
+                            lat.append(time.perf_counter() - t0)
+                    except Exception as e:
+                        errors.append(e)
+                    finally:
+                        os.close(fd)
+                        buf.close()
+
+                run_threads(reader, [(k,) for k in range(readers)])
+                hwm = m.hwm()
+                self.unmount(m)
+                self.discard(imgdir)
+                if errors:
+                    raise errors[0]
+                rows.append({"hwm": hwm, "p50": pct(lat, 50), "max": max(lat)})
+                log("coldrss %s chunks, %d readers, stream=%s, run %d: peak RSS %s, "
+                    "p50 %.2f ms, max %.1f ms" % (chunk, readers, stream, i + 1, human(hwm),
+                                                   rows[-1]["p50"] * 1e3, rows[-1]["max"] * 1e3))
+            res.append({"chunk": chunk, "readers": readers, "stream": stream,
+                        "reads": per, "runs": rows})
+        self.results["coldrss"] = res
+
     # ------------------------------------------------------------- sweeps
     def sec_sweep(self):
         """Streaming throughput of the random template against chunk size and
@@ -1460,6 +1514,14 @@ def render_markdown(R, pngs):
         row("5", "peak RSS, 1 TiB sparse template: then streaming %s" % human(hg["streamed"]),
             human(hg["hwm_stream"]), "64 MiB budget", hg["hwm_stream"] / (64 * MiB), "of budget",
             ("<=", 1.0))
+    for c in R.get("coldrss") or []:
+        peak = max(r["hwm"] for r in c["runs"])
+        row("5", "peak RSS (max of %d runs), %d cold readers × %d reads at once, %s chunks, %s"
+            % (len(c["runs"]), c["readers"], c["reads"], c["chunk"],
+               "streaming at full speed meanwhile" if c["stream"] == "auto" else "no stream"),
+            "%s (read p50 %s)" % (human(peak), fmt_ms(median(r["p50"] for r in c["runs"]))),
+            "64 MiB budget", peak / (64 * MiB), "of budget",
+            ("<=", 1.0) if c["chunk"] == DEFAULT_CHUNK else None)
     if st:
         for key, runs in st.items():
             name, net = key.split("/")
