@@ -732,14 +732,15 @@ struct store_job {
 };
 
 /*
- * At most this many bytes, over all disks, wait for the store workers;
- * beyond, fills store inline (after answering their reader).  Half of the
- * demand budget, whose buffers they are: where stores fall behind the
- * fetches (back-to-back cold reads during a full-speed stream on
- * loopback), a queue holding the whole budget left every new cold read
- * waiting for it, up to DEMAND_BUFFER_WAIT_NS; now the fills beyond it
- * store in their own threads, beside the worker, and half of the budget
- * stays for fetches (BENCHMARKS.md (7)).
+ * At most this many bytes, over all disks, wait for the store workers (or
+ * one run, if larger, alone); beyond, fills store in their own thread, the
+ * reader answered early already, and one answered from a copy (a disk
+ * with a manifest) after the store.  Half of the demand budget, whose
+ * buffers they are: where stores fall behind the fetches (back-to-back
+ * cold reads during a full-speed stream on loopback), a queue holding the
+ * whole budget left every new cold read waiting for it, up to
+ * DEMAND_BUFFER_WAIT_NS; now the fills beyond it store beside the
+ * worker, and half of the budget stays for fetches (BENCHMARKS.md (7)).
  */
 #define STOREQ_MAX_BYTES (DEMAND_BUFFER_BUDGET / 2)
 static atomic_uint_fast64_t storeq_bytes; /* queued on every disk */
@@ -805,7 +806,7 @@ static bool storeq_push(struct cache_disk *d, struct inflight **claims, uint64_t
 	LOCK_GUARD(&q->lock);
 	if (q->quit)
 		goto refuse;
-	if (atomic_fetch_add(&storeq_bytes, len) + len > STOREQ_MAX_BYTES)
+	if (atomic_fetch_add(&storeq_bytes, len) + len > MAX(STOREQ_MAX_BYTES, len))
 		goto unqueue;
 	if (!q->started) {
 		if (pthread_create(&q->thread, NULL, storeq_worker, d))
@@ -863,7 +864,7 @@ struct deliver {
 	uint64_t first_ns, first_got, last_ns, last_got; /* progress seen */
 };
 
-/* The fetch's on_wire: the disk's count, and the start of an attempt. */
+/* The fetch's on_wire: the daemon's count, and the start of an attempt. */
 static void deliver_on_wire(void *opaque, int delta)
 {
 	struct deliver *dl = opaque;
@@ -1029,7 +1030,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 		/* A fill with dl starts unanswered: ensure_chunks() calls it
 		 * again only after a fill that did not answer. */
 		if (!background) {
-			stream_demand_waiting(d, +1);
+			atomic_fetch_add(&d->waiting, 1);
 			atomic_fetch_add(&d->unanswered, 1);
 		}
 		/* A chunk that does not match the manifest is fetched once
@@ -1047,12 +1048,12 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 				 bad, attempt ? "" : "; fetching it again");
 		}
 		if (!background) {
-			stream_demand_waiting(d, -1);
+			atomic_fetch_sub(&d->waiting, 1);
 			if (!(dl && dl->answered))
 				atomic_fetch_sub(&d->unanswered, 1);
 		}
-		/* The reader not answered early is answered now, before the
-		 * store, from a copy. */
+		/* The reader not answered early is answered from a copy:
+		 * before the store, if the store worker takes it. */
 		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {
 			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
 			clear_transient_error(d);

@@ -118,7 +118,7 @@ struct cache_disk {
 	atomic_int sync_error;      /* -errno of a failed fdatasync of the image,
 				     * sticky until the disk is opened again;
 				     * set under commit_lock */
-	atomic_uint_fast64_t waiting;  /* demand fetches in progress (stream.c) */
+	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
 	/* The link as demand fetches see it (0 = not measured yet): time from
 	 * a request going out to its first body bytes, and body time per MiB.
 	 * Moving averages; read and written without a lock. */
@@ -244,11 +244,9 @@ uint64_t stream_rate(struct cache_disk *d);
 /* xfer_hooks.hold of background fills: sleeps while a demand request of
  * any disk is on the wire, within the limits of stream.c. */
 void stream_hold(void *opaque);
-/* xfer_hooks.on_wire of demand fills. */
+/* xfer_hooks.on_wire of demand fills: counts the daemon's demand requests
+ * under way (opaque unused). */
 void stream_demand_on_wire(void *opaque, int delta);
-/* A demand fetch of d begins (+1) or ends (-1): counts it in d->waiting
- * and for the holding back of every disk's background work. */
-void stream_demand_waiting(struct cache_disk *d, int delta);
 /* Adds streamed bytes to the rate measurement. Lock-free. */
 void stream_account(struct cache_disk *d, uint64_t bytes);
 

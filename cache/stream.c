@@ -9,14 +9,15 @@
  * is freed) plus callers of the cache_disk_stream_* API from control
  * handlers.  Demand reads never wait for the streamer: the streamer never
  * holds a lock across a fetch, and the source serves DEMAND first.  More:
- * while a demand fetch of any disk of the mount is in progress, background
- * threads (streamers and read-ahead of every disk) hold back: they start
- * no new request, transfers under way stop reading their sockets (so TCP
- * slows the server's side too), and the streamer's run size starts again
- * from one chunk.  The link, the CPU and the image's inode lock go to the
- * read a VM waits for; the disks share the CPU, the connections and
- * mostly the link, so a VM's read does not wait behind another disk's
- * stream either.  A thread holds back YIELD_MAX_NS at most in every
+ * while a demand request of any disk of the mount is under way (and while
+ * a demand fetch of their own disk is in progress), background threads
+ * (streamers and read-ahead) hold back: they start no new request,
+ * transfers under way stop reading their sockets (so TCP slows the
+ * server's side too), and the streamer's run size starts again from one
+ * chunk.  The link, the CPU and the image's inode lock go to the read a
+ * VM waits for; the disks share the CPU, the connections and mostly the
+ * link, so a VM's read does not wait behind another disk's stream
+ * either.  A thread holds back YIELD_MAX_NS at most in every
  * 2 * YIELD_MAX_NS, so busy VMs slow streaming but never stop it.
  */
 #include <errno.h>
@@ -110,9 +111,21 @@ uint64_t stream_rate(struct cache_disk *d)
 	return sum / window;
 }
 
-/* Demand fetches of every disk of the daemon: those in progress, and of
- * them those whose request is under way. */
-static atomic_uint_fast64_t demand_waiting, demand_on_wire;
+/* Demand requests of every disk of the daemon under way (sent, and not
+ * yet done); each disk counts its demand fetches in progress in
+ * d->waiting. */
+static atomic_uint_fast64_t demand_on_wire;
+
+/* Whether background work holds back: for a demand request of any disk
+ * under way, and with own, for a demand fetch of that disk in progress
+ * (waiting for a connection, or for its next attempt).  Another disk's
+ * fetch between attempts asks nothing of the link or the CPU: a template
+ * that is down, read again and again by its VM, must not slow every
+ * other disk's stream. */
+static bool demand_pending(const struct cache_disk *own)
+{
+	return atomic_load(&demand_on_wire) || (own && atomic_load(&own->waiting));
+}
 
 /* This thread's holding back: the window it is in and how long it has
  * held in it (see yield_to_demand). */
@@ -120,8 +133,8 @@ static _Thread_local uint64_t yield_window_start;
 static _Thread_local uint64_t yield_held_ns;
 
 /*
- * Holds this background thread back while *count (demand fetches) is not
- * 0, but for at most YIELD_MAX_NS in every 2 * YIELD_MAX_NS, so that
+ * Holds this background thread back while demand_pending(own), but for at
+ * most YIELD_MAX_NS in every 2 * YIELD_MAX_NS, so that
  * back-to-back demand reads slow the background to half speed at worst,
  * never to a stop.  Returns whether it held.  Call with no lock held.
  *
@@ -130,11 +143,11 @@ static _Thread_local uint64_t yield_held_ns;
  * workers took it) for 1-2.5 ms just before it answered, more than the
  * whole read takes when idle.
  */
-static bool yield_to_demand(atomic_uint_fast64_t *count)
+static bool yield_to_demand(const struct cache_disk *own)
 {
 	uint64_t now = now_ns();
 
-	if (!atomic_load(count))
+	if (!demand_pending(own))
 		return false;
 	if (now - yield_window_start >= 2 * YIELD_MAX_NS) {
 		yield_window_start = now;
@@ -143,7 +156,7 @@ static bool yield_to_demand(atomic_uint_fast64_t *count)
 	if (yield_held_ns >= YIELD_MAX_NS)
 		return false;
 	uint64_t start = now, until = now + (YIELD_MAX_NS - yield_held_ns);
-	while (atomic_load(count) && now < until) {
+	while (demand_pending(own) && now < until) {
 		uint64_t ns = MIN(YIELD_POLL_NS, until - now);
 		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
 		nanosleep(&ts, NULL);
@@ -158,7 +171,7 @@ void stream_hold(void *opaque)
 	(void)opaque;
 	/* Only for demand requests on the wire: one still waiting for a
 	 * connection may be waiting for this very transfer's. */
-	yield_to_demand(&demand_on_wire);
+	yield_to_demand(NULL);
 }
 
 void stream_demand_on_wire(void *opaque, int delta)
@@ -168,17 +181,6 @@ void stream_demand_on_wire(void *opaque, int delta)
 		atomic_fetch_add(&demand_on_wire, 1);
 	else
 		atomic_fetch_sub(&demand_on_wire, 1);
-}
-
-void stream_demand_waiting(struct cache_disk *d, int delta)
-{
-	if (delta > 0) {
-		atomic_fetch_add(&d->waiting, 1);
-		atomic_fetch_add(&demand_waiting, 1);
-	} else {
-		atomic_fetch_sub(&d->waiting, 1);
-		atomic_fetch_sub(&demand_waiting, 1);
-	}
 }
 
 /* Records completion durably; called with no lock held. */
@@ -227,14 +229,16 @@ static void *stream_worker(void *opaque)
 			cond_wait_until(&st->cond, &st->lock, st->backoff_until);
 			continue;
 		}
-		/* New requests wait for any demand fetch, even one queued
-		 * for a connection: they would only take connections from it.
-		 * After holding (or not, within its limits), everything above
-		 * is checked again: a stop or a quit may have come meanwhile. */
-		if (!demand_checked && atomic_load(&demand_waiting)) {
+		/* New requests wait for any demand fetch of the disk, even
+		 * one queued for a connection (they would only take
+		 * connections from it), and for any disk's demand request
+		 * under way.  After holding (or not, within its limits),
+		 * everything above is checked again: a stop or a quit may
+		 * have come meanwhile. */
+		if (!demand_checked && demand_pending(d)) {
 			st->run_chunks = 1;
 			pthread_mutex_unlock(&st->lock);
-			bool held = yield_to_demand(&demand_waiting);
+			bool held = yield_to_demand(d);
 			pthread_mutex_lock(&st->lock);
 			demand_checked = !held;
 			continue;

@@ -657,50 +657,77 @@ def test_a_template_down_does_not_hold_up_another_disk():
     srv.stop()
 
 
-def test_a_demand_read_holds_back_another_disks_stream():
-    # While a demand fetch of any disk waits, the background work of every
-    # disk of the mount holds back: the streamer sleeps before each new
-    # request (half of the time at most), and its run size starts again
-    # from one chunk each time, where it grows to 4 chunks when nothing
-    # waits (see test_streamer_run_stored_chunk_by_chunk).  Disk holda's
-    # cold read waits 2 s for its response while disk holdb streams.
-    ta = template("f-holda.img", 8 * MiB)
-    tb = template("f-holdb.img", 32 * MiB)
+def stream_beside_a_cold_read(name, a_rule, opts=(), allow=()):
+    """Disk NAMEa's cold read at 4 MiB, under fault rule a_rule, while disk
+    NAMEb (32 MiB) streams from 0.3 s into the read until complete.
+    Returns the read (ReadInThread, joined) and the sizes in MiB of NAMEb's
+    requests that ended while it was under way."""
+    ta = template(f"f-{name}a.img", 8 * MiB)
+    tb = template(f"f-{name}b.img", 32 * MiB)
     srv = FaultServer(ws()).start()
     img = image_dir()
-    h.ctl_add(img, "holda", srv.url(ta.name))
-    h.ctl_add(img, "holdb", srv.url(tb.name))
-    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
+    h.ctl_add(img, name + "a", srv.url(ta.name))
+    h.ctl_add(img, name + "b", srv.url(tb.name))
+    with h.Mount(ws(), img, opts=("stream=manual", "readahead=0") + opts, allow=allow) as m:
         srv.mark()
-        srv.set_rules([rule("delay", ta, seconds=2, count=1)])
-        rd = ReadInThread(m.path("holda"), 4 * MiB, 4 * KiB, direct=True)
-        time.sleep(0.3)  # holda's fetch is on the wire
-        control(m, "start holdb\n")
-        rd.join(15, "cold read of holda")
-        if rd.error is not None:
-            fail(f"the cold read of holda failed: {rd.error!r}\nstderr:\n{m.stderr()}")
-        expect_equal("cold read of holda", rd.result, ta.read(4 * MiB, 4 * KiB))
-        if rd.elapsed < 1.5:
-            fail(f"the cold read of holda took {rd.elapsed:.2f} s: the server's delay "
-                 "of 2 s did not apply, so nothing here was tested")
+        srv.set_rules([rule(a_rule.pop("fault"), ta, **a_rule)])
+        rd = ReadInThread(m.path(name + "a"), 4 * MiB, 4 * KiB, direct=True)
+        time.sleep(0.3)  # the read's fetch is under way
+        control(m, f"start {name}b\n")
+        rd.join(30, f"cold read of {name}a")
         read_end = time.time() - (time.monotonic() - (rd.t0 + rd.elapsed))
-        h.wait_until(lambda: xattr(m.path("holdb"), "state") == "complete", 60,
-                     "holdb complete")
+        h.wait_until(lambda: xattr(m.path(name + "b"), "state") == "complete", 60,
+                     f"{name}b complete")
         recs = srv.records(f"/{tb.name}")
         during = [r for r in recs if r["time"] < read_end - 0.05]
         sizes = [(rec_range(r)[1] - rec_range(r)[0] + 1) // MiB for r in during]
-        h.log(f"holdb's requests (MiB) while holda's read waited: {sizes}; "
+        h.log(f"{name}b's requests (MiB) during {name}a's read ({rd.elapsed:.2f} s): {sizes}; "
               f"{len(recs) - len(during)} after")
         if not during:
-            fail("holdb's stream made no request while holda's read waited: it is held "
-                 f"back for half of the time at most\n{show(recs)}")
-        # A worker can still take a run another one grew between its
-        # hold and its request: most, not all, are one chunk.
-        if sum(s > 1 for s in sizes) * 4 > len(sizes):
-            fail("holdb's streamer asked for runs of chunks while a demand read of holda "
-                 f"waited, as if nothing waited:\n{show(during)}")
-    check_image_region(img, "holdb", tb, 0, tb.size, "holdb streamed")
+            fail(f"{name}b's stream made no request during {name}a's read: it is held back "
+                 f"for half of the time at most\n{show(recs)}")
+        if rd.elapsed < 1.5:
+            fail(f"the cold read of {name}a took {rd.elapsed:.2f} s: the fault did not "
+                 "apply, so nothing here was tested")
+    check_image_region(img, name + "b", tb, 0, tb.size, f"{name}b streamed")
     srv.stop()
+    return rd, sizes, ta
+
+
+def test_a_demand_read_holds_back_another_disks_stream():
+    # While a demand request of any disk is under way, the background work
+    # of every disk of the mount holds back: the streamer sleeps before
+    # each new request (half of the time at most), and its run size starts
+    # again from one chunk each time, where it grows to 4 chunks when
+    # nothing waits (see test_streamer_run_stored_chunk_by_chunk).  Disk
+    # holda's cold read waits 2 s for its response while disk holdb
+    # streams.
+    rd, sizes, ta = stream_beside_a_cold_read("hold", {"fault": "delay", "seconds": 2,
+                                                       "count": 1})
+    if rd.error is not None:
+        fail(f"the cold read of holda failed: {rd.error!r}")
+    expect_equal("cold read of holda", rd.result, ta.read(4 * MiB, 4 * KiB))
+    # A worker can still take a run another one grew between its hold and
+    # its request: most, not all, are one chunk.
+    if sum(s > 1 for s in sizes) * 4 > len(sizes):
+        fail(f"holdb's streamer asked for runs of chunks ({sizes} MiB) while a demand "
+             "request of holda was under way, as if nothing waited")
+
+
+def test_a_template_down_does_not_slow_another_disks_stream():
+    # A demand read whose template answers 503 retries until timeout=,
+    # between attempts that ask nothing of the link or the CPU.  Its disk's
+    # streamer holds back meanwhile, but not the streams of other disks:
+    # disk sickb streams in runs of up to 4 chunks as usual.
+    rd, sizes, _ = stream_beside_a_cold_read("sick", {"fault": "status", "status": 503},
+                                             opts=("timeout=3",),
+                                             allow=(r"HTTP 503", r"cannot fetch"))
+    if rd.error is None or rd.error.errno != errno.EIO:
+        fail(f"the read of sicka gave {rd.error or rd.result!r}, expected EIO")
+    if max(sizes) < 4:
+        fail(f"sickb's streamer asked for no run of 4 chunks ({sizes} MiB) while sicka's "
+             "read retried a template that answers 503: it held back for a fetch that "
+             "asked nothing of the link")
 
 
 def test_streamer_run_stored_chunk_by_chunk():
