@@ -1333,6 +1333,17 @@ def verdict(ratio, target):
     return "yes" if ok else "**no**"
 
 
+def demand_sets(dm):
+    """(net, runs, other) of section demand's results dm (or None): the reads
+    of the streaming disk per net, then those of another disk."""
+    dm = dm or {}
+    for net, runs in dm.items():
+        if net != "other_disk":
+            yield net, runs, False
+    for net, runs in dm.get("other_disk", {}).items():
+        yield net, runs, True
+
+
 def demand_rows(row, net, runs, what, target):
     ok = [r for r in runs if r["busy_n"]]
     allb = [x for r in runs for x in r["busy"]]
@@ -1537,12 +1548,9 @@ def render_markdown(R, pngs):
                 median((r["sfs_cpu"] / r["curl_cpu"]) if r["curl_cpu"] else None for r in runs),
                 "CPU", None)
     dm = R.get("demand")
-    if dm:
-        for net, runs in dm.items():
-            if net != "other_disk":
-                demand_rows(row, net, runs, "", ("<=", 2.0))
-        for net, runs in dm.get("other_disk", {}).items():
-            demand_rows(row, net, runs, "; reads of another disk of the mount", None)
+    for net, runs, other in demand_sets(dm):
+        demand_rows(row, net, runs, "; reads of another disk of the mount" if other else "",
+                    None if other else ("<=", 2.0))
     sq = R.get("seq")
     if sq:
         sz = sizes["vm"]
@@ -1610,10 +1618,8 @@ def render_markdown(R, pngs):
                         " ".join("%.1f ms" % (r["mount_s"] * 1e3) for r in runs)))
         L.append("")
     if dm:
-        items = [(net, runs, "") for net, runs in dm.items() if net != "other_disk"]
-        items += [(net, runs, ", reads of another disk") for net, runs in
-                  dm.get("other_disk", {}).items()]
-        for net, runs, what in items:
+        for net, runs, other in demand_sets(dm):
+            what = ", reads of another disk" if other else ""
             allb = [x for r in runs for x in r["busy"]]
             alli = [x for r in runs for x in r["idle"]]
             slow = 2 * pct(alli, 50)
