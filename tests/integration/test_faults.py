@@ -657,11 +657,11 @@ def test_a_template_down_does_not_hold_up_another_disk():
     srv.stop()
 
 
-def stream_beside_a_cold_read(name, a_rule, opts=(), allow=()):
-    """Disk NAMEa's cold read at 4 MiB, under fault rule a_rule, while disk
+def stream_beside_a_cold_read(name, fault, opts=(), allow=(), **fault_args):
+    """Disk NAMEa's cold read at 4 MiB, under rule(fault, **fault_args), while disk
     NAMEb (32 MiB) streams from 0.3 s into the read until complete.
-    Returns the read (ReadInThread, joined) and the sizes in MiB of NAMEb's
-    requests that ended while it was under way."""
+    Returns the read (ReadInThread, joined), the sizes in MiB of NAMEb's
+    requests that ended while it was under way, and NAMEa's template."""
     ta = template(f"f-{name}a.img", 8 * MiB)
     tb = template(f"f-{name}b.img", 32 * MiB)
     srv = FaultServer(ws()).start()
@@ -670,7 +670,7 @@ def stream_beside_a_cold_read(name, a_rule, opts=(), allow=()):
     h.ctl_add(img, name + "b", srv.url(tb.name))
     with h.Mount(ws(), img, opts=("stream=manual", "readahead=0") + opts, allow=allow) as m:
         srv.mark()
-        srv.set_rules([rule(a_rule.pop("fault"), ta, **a_rule)])
+        srv.set_rules([rule(fault, ta, **fault_args)])
         rd = ReadInThread(m.path(name + "a"), 4 * MiB, 4 * KiB, direct=True)
         time.sleep(0.3)  # the read's fetch is under way
         control(m, f"start {name}b\n")
@@ -702,8 +702,7 @@ def test_a_demand_read_holds_back_another_disks_stream():
     # nothing waits (see test_streamer_run_stored_chunk_by_chunk).  Disk
     # holda's cold read waits 2 s for its response while disk holdb
     # streams.
-    rd, sizes, ta = stream_beside_a_cold_read("hold", {"fault": "delay", "seconds": 2,
-                                                       "count": 1})
+    rd, sizes, ta = stream_beside_a_cold_read("hold", "delay", seconds=2, count=1)
     if rd.error is not None:
         fail(f"the cold read of holda failed: {rd.error!r}")
     expect_equal("cold read of holda", rd.result, ta.read(4 * MiB, 4 * KiB))
@@ -719,8 +718,7 @@ def test_a_template_down_does_not_slow_another_disks_stream():
     # between attempts that ask nothing of the link or the CPU.  Its disk's
     # streamer holds back meanwhile, but not the streams of other disks:
     # disk sickb streams in runs of up to 4 chunks as usual.
-    rd, sizes, _ = stream_beside_a_cold_read("sick", {"fault": "status", "status": 503},
-                                             opts=("timeout=3",),
+    rd, sizes, _ = stream_beside_a_cold_read("sick", "status", status=503, opts=("timeout=3",),
                                              allow=(r"HTTP 503", r"cannot fetch"))
     if rd.error is None or rd.error.errno != errno.EIO:
         fail(f"the read of sicka gave {rd.error or rd.result!r}, expected EIO")
