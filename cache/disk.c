@@ -733,9 +733,9 @@ struct store_job {
 
 /*
  * At most this many bytes, over all disks, wait for the store workers (or
- * one run, if larger, alone); beyond, fills store in their own thread, the
- * reader answered early already, and one answered from a copy (a disk
- * with a manifest) after the store.  Half of the demand budget, whose
+ * one run, if larger, alone); beyond, fills store in their own thread,
+ * after answering their reader (one answered from a copy, without
+ * answer(), after the store).  Half of the demand budget, whose
  * buffers they are: where stores fall behind the fetches (back-to-back
  * cold reads during a full-speed stream on loopback), a queue holding the
  * whole budget left every new cold read waiting for it, up to
@@ -1052,11 +1052,18 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			if (!(dl && dl->answered))
 				atomic_fetch_sub(&d->unanswered, 1);
 		}
-		/* The reader not answered early is answered from a copy:
-		 * before the store, if the store worker takes it. */
-		if (r >= 0 && dl && !dl->answered && (*dl->out = malloc(MAX(dl->len, 1u)))) {
-			memcpy(*dl->out, (char *)buf + (dl->off - off), dl->len);
+		/* The reader not answered early (a manifest's check needs the
+		 * whole run; file:// reports no progress) is answered now,
+		 * before the store, from the fetch buffer if it can be, or
+		 * else from a copy. */
+		if (r >= 0 && dl && !dl->answered) {
+			const char *mine = (const char *)buf + (dl->off - off);
+
 			clear_transient_error(d);
+			if (dl->answer)
+				dl->answered = dl->answer(dl->answer_opaque, mine, dl->len);
+			if (!dl->answered && (*dl->out = malloc(MAX(dl->len, 1u))))
+				memcpy(*dl->out, mine, dl->len);
 		}
 		if (r >= 0 && dl && (dl->answered || *dl->out) && storeq_push(d, claims, a, b, buf))
 			return 0; /* the job owns buf, its budget and the claims now */

@@ -159,8 +159,10 @@ int cache_disk_fd(const struct cache_disk *d);
 /*
  * Answers a reader early: called from inside the fetch with the reader's
  * bytes as soon as they are in and checked, before the rest of the run
- * has arrived.  Returns true when the reader has its answer; the fill then
- * goes on (and may still fail, which is recorded as usual).
+ * has arrived, or (a manifest, a source without progress) after the
+ * fetch and before the store.  Returns true when the reader has its
+ * answer; the fill then goes on (and may still fail, which is recorded
+ * as usual).
  */
 typedef bool cache_answer_fn(void *opaque, const void *data, size_t len);
 
@@ -173,10 +175,11 @@ typedef bool cache_answer_fn(void *opaque, const void *data, size_t len);
  * *ret_data is a malloc'd copy of the len bytes, taken from the fetch
  * buffer before the chunks are stored (they are stored in the
  * background); otherwise *ret_data is NULL and, after 0, the bytes may be
- * read from cache_disk_fd().  With answer too (and no manifest, whose
- * check needs whole chunks), such a read is offered to answer() as soon
- * as its bytes are in; when answer() took them, returns 1 at once after
- * the fill, whatever its result.  Returns CACHE_READ_ZEROS instead of 0
+ * read from cache_disk_fd().  With answer too, such a read is offered
+ * to answer() as soon as its bytes are in (with a manifest, whose check
+ * needs whole chunks, once the run is checked; either way before the
+ * store), and *ret_data stays NULL if answer() took them; then returns 1
+ * at once after the fill, whatever its result.  Returns CACHE_READ_ZEROS instead of 0
  * when every chunk of the range was stored as a hole since the disk was
  * opened and not written since: the range reads as zeros, and the caller
  * may answer from zeros rather than read the image.
