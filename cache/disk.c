@@ -1090,16 +1090,31 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
  * disk_ensure_chunks(), and with dl: when [first, last] is wholly absent
  * and claimed here in one run, answers the reader from the fetch buffer
  * and returns 1 without waiting for the store.
+ *
+ * A DEMAND caller's timeout counts from its call, and a chunk it waited
+ * for that a background fetch failed to bring it fetches itself while
+ * that timeout lasts: the streamer and read-ahead give up after a few
+ * attempts, and a VM's read fails only after its own timeout.  A failed
+ * demand fetch (which retried for its timeout) fails its waiters too:
+ * concurrent reads of a chunk make one fetch, and share its outcome.
  */
 static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			 const struct cache_fetch_hint *hint, struct deliver *dl)
 {
 	uint64_t max_claim = MAX(1u, RUN_MAX_BYTES >> d->chunk_shift);
 	struct inflight *claims[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
+	struct cache_fetch_hint h = *hint;
+	bool demand = h.prio == CACHE_PRIO_DEMAND;
+	uint64_t deadline = 0;
 	int r;
 
 	if (last >= d->nchunks)
 		return -EINVAL;
+	if (demand) {
+		if (!h.since_ns)
+			h.since_ns = now_ns();
+		deadline = h.since_ns + (uint64_t)d->src.timeout_s * 1000000000ull;
+	}
 	for (;;) {
 		struct inflight *wait_for = NULL;
 		uint64_t a = 0, n = 0;
@@ -1137,6 +1152,7 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			claims[n] = inflight_claim_locked(d, i);
 			if (!claims[n])
 				break;
+			claims[n]->background = !demand;
 			if (++n == max_claim)
 				break;
 		}
@@ -1146,17 +1162,20 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 		if (n && dl && !wait_for && a == first && a + n - 1 == last) {
 			/* Once copied out, the bytes are the reader's even if
 			 * storing them failed (that is recorded as usual). */
-			r = fill_run(d, claims, a, last, hint, dl);
+			r = fill_run(d, claims, a, last, &h, dl);
 			if (dl->answered || *dl->out)
 				return 1;
 		} else if (n) {
-			r = fill_run(d, claims, a, a + n - 1, hint, NULL);
+			r = fill_run(d, claims, a, a + n - 1, &h, NULL);
 		} else if (!wait_for)
 			return -ENOMEM; /* could not claim: calloc failed */
 		if (wait_for) {
 			pthread_mutex_lock(&d->lock);
+			bool background = wait_for->background;
 			int w = inflight_wait_locked(d, wait_for);
 			pthread_mutex_unlock(&d->lock);
+			if (w < 0 && r >= 0 && demand && background && now_ns() < deadline)
+				continue; /* absent again: claim it next pass */
 			if (r >= 0)
 				r = w;
 		}

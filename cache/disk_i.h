@@ -23,6 +23,7 @@ struct inflight {
 	bool done;     /* guarded by cache_disk.lock */
 	int result;    /* 0 or -errno, valid once done; guarded by lock */
 	unsigned refs; /* owner + waiters; the last one frees; guarded by lock */
+	bool background; /* a fetch that gives up sooner than a demand read */
 	struct inflight *next;
 };
 

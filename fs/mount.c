@@ -122,6 +122,7 @@ int mount_load_disk(struct mount_ctx *m, const char *name, char *why, size_t why
 		.get_counters = src_counters,
 		.last_error = src_last_error,
 		.opaque = md,
+		.timeout_s = m->opts.timeout,
 	};
 	cache_disk_set_source(md->disk, &src);
 	cache_disk_stream_set_depth(md->disk, m->depth);

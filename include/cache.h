@@ -59,6 +59,10 @@ struct cache_source {
 	/* the last error text of the source, "" when none; copies into buf */
 	void (*last_error)(void *opaque, char *buf, size_t bufsize);
 	void *opaque;
+	/* How long a DEMAND fetch retries (since_ns on).  A demand read
+	 * whose chunk a background fetch failed to bring tries again itself
+	 * while that time lasts; 0: it fails with that error. */
+	unsigned timeout_s;
 };
 
 struct manifest;

@@ -782,6 +782,47 @@ def test_16m_chunks_stream_two_requests_at_once():
     srv.stop()
 
 
+def test_a_read_waiting_for_a_failed_stream_fetch_fetches_itself():
+    """The streamer gives up on a chunk after three attempts; a VM's read
+    waiting for that fetch must not fail with it, but fetch the chunk
+    itself within its own timeout."""
+    t, srv, img = setup("inherit")
+    idx = 3
+    # The stream's three attempts: a reply that stalls 1 s then closes,
+    # then two 503s.  The read's own request gets no fault.
+    srv.set_rules([rule("stall", t, count=1, after_bytes=0, seconds=1),
+                   rule("status", t, count=2, status=503)])
+    allow = [r"stall|HTTP 503|cannot fetch|Partial|transfer closed"]
+    with h.Mount(ws(), img, opts=("stream=manual",), allow=allow) as m:
+        replies = []
+
+        def stream_chunk():
+            try:
+                replies.append(control(m, f"chunk inherit {idx * CHUNK}\n"))
+            except OSError as e:  # the chunk command fails with its fetch
+                replies.append(e.strerror)
+
+        stream = threading.Thread(target=stream_chunk, daemon=True)
+        stream.start()
+        h.wait_until(lambda: srv.records(f"/{t.name}", settle=0), 5,
+                     "the stream's first request")
+        off = idx * CHUNK + 256 * KiB
+        elapsed = read_ok(m, "inherit", t, off, 64 * KiB,
+                          "read of a chunk whose stream fetch fails")
+        stream.join(30)
+        recs = srv.records(f"/{t.name}")
+        faulty = [r for r in recs if r["fault"]]
+        if [r["fault"] for r in faulty] != ["stall", "status", "status"]:
+            fail(f"expected the stream's three faulty attempts first:\n{show(recs)}")
+        if not any(is_good_fetch(r) and r["time"] >= faulty[-1]["time"]
+                   for r in touching(recs, off, 64 * KiB)):
+            fail(f"no clean fetch of the chunk after the stream's failure:\n{show(recs)}")
+        h.log(f"read waiting for a failing stream fetch: returned after {elapsed:.2f} s, "
+              f"chunk command replied {replies[0].strip() if replies else None!r}")
+    check_image_region(img, "inherit", t, idx * CHUNK, CHUNK, "read after a failed stream fetch")
+    srv.stop()
+
+
 def test_status_5xx_429_retried():
     t, srv, img = setup("status")
     with h.Mount(ws(), img) as m:
