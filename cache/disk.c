@@ -496,6 +496,8 @@ void inflight_finish_locked(struct cache_disk *d, struct inflight *f, int result
 	}
 	f->done = true;
 	f->result = result;
+	atomic_fetch_sub(&d->demand_waits, f->demand_waiters);
+	f->demand_waiters = 0;
 	pthread_cond_broadcast(&d->fill_cond);
 	inflight_unref_locked(f);
 }
@@ -635,7 +637,7 @@ static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t
 			       bad, bad << d->chunk_shift);
 		LOCK_GUARD(&d->lock);
 		d->failed = true;
-	} else if (r < 0) {
+	} else if (r < 0 && r != -EINTR) { /* -EINTR: preempted, no failure */
 		note_fill_error(d, a, b, r, local);
 	}
 
@@ -666,6 +668,12 @@ struct run_store {
 	uint64_t next;            /* the first chunk not stored yet */
 	struct inflight **claims; /* early stores: the run's, NULL once
 				   * finished; NULL: the caller finishes them */
+	struct inflight **held;   /* the run's claims, for fill_preempted(); of
+				   * early stores, those from next on */
+	/* The fetch's pace, for fill_preempted(): */
+	uint64_t start_ns;        /* it began (or its last retry did) */
+	uint64_t first_ns;        /* its first progress, 0 = none yet */
+	size_t first_got, got;    /* bytes in then, and now */
 	int r;                    /* a store's failure: then no more stores */
 };
 
@@ -697,12 +705,85 @@ static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
 /* The fetch's progress, for early stores: stores the chunks wholly in.  A
  * retry starts again from 0 with the same bytes, and finds its first
  * chunks stored. */
+static void run_track_progress(void *opaque, size_t got)
+{
+	struct run_store *rs = opaque;
+
+	if (got < rs->got) {
+		rs->start_ns = now_ns(); /* a retry: about when it began */
+		rs->first_ns = 0;
+	}
+	if (!rs->first_ns) {
+		rs->first_ns = now_ns();
+		rs->first_got = got;
+	}
+	rs->got = got;
+}
+
 static void run_store_progress(void *opaque, size_t got)
 {
 	struct run_store *rs = opaque;
 	uint64_t len = disk_run_len(rs->d, rs->a, rs->b);
 
+	run_track_progress(opaque, got);
 	run_store_upto(rs, got >= len ? rs->b + 1 : rs->a + (got >> rs->d->chunk_shift), false);
+}
+
+/* A body this long at least gives a rate worth averaging. */
+#define LINK_RATE_MIN_BYTES (64u << 10)
+
+/*
+ * Preempting a background fill.  SPEC has a VM's read never wait behind
+ * the stream, but a reader of a chunk that a background fill has in
+ * flight waits for that fill (one fetch per chunk).  On a slow link, or
+ * from a slow server, a run of 4 MiB takes seconds, more than a request
+ * of the reader's own chunk would.  The fill's preempt hook ends it once
+ * a demand read waits for one of its chunks not stored yet and that
+ * chunk would take longer to arrive than twice what a demand fetch of it
+ * takes (the link estimate; before there is one, PREEMPT_GUESS_NS), plus
+ * PREEMPT_MARGIN_NS: at the body's pace so far (once LINK_RATE_MIN_BYTES
+ * of it are in), or, before its first bytes, as long again as the wait
+ * for them so far.  The chunks not stored stay absent, the reader
+ * fetches its own (ensure_chunks), and the background caller takes up
+ * the rest again.  On a healthy link (loopback; 20 ms, where a run's body
+ * takes about 13 ms) nothing is preempted.
+ */
+#define PREEMPT_MARGIN_NS (20 * 1000000ull)
+#define PREEMPT_GUESS_NS (100 * 1000000ull)
+
+static bool fill_preempted(void *opaque)
+{
+	struct run_store *rs = opaque;
+	struct cache_disk *d = rs->d;
+	uint64_t want = UINT64_MAX;
+
+	if (!atomic_load(&d->demand_waits))
+		return false;
+	pthread_mutex_lock(&d->lock);
+	for (uint64_t i = rs->next; i <= rs->b && want == UINT64_MAX; i++)
+		if (rs->held[i - rs->a]->demand_waiters)
+			want = i;
+	pthread_mutex_unlock(&d->lock);
+	if (want == UINT64_MAX)
+		return false;
+
+	uint64_t first = atomic_load(&d->link_first_ns);
+	uint64_t per_mib = atomic_load(&d->link_ns_per_mib);
+	double own = first && per_mib ? (double)first + (double)disk_chunk_len(d, want) *
+							    (double)per_mib / (1u << 20)
+				      : (double)PREEMPT_GUESS_NS;
+	uint64_t now = now_ns();
+	double left;
+	if (!rs->first_ns) {
+		left = (double)(now - rs->start_ns);
+	} else if (rs->got - rs->first_got >= LINK_RATE_MIN_BYTES) {
+		double need = (double)disk_run_len(d, rs->a, want);
+		left = (need - (double)rs->got) * (double)(now - rs->first_ns) /
+		       (double)(rs->got - rs->first_got);
+	} else {
+		return false; /* too little body to tell its pace */
+	}
+	return left > 2 * own + (double)PREEMPT_MARGIN_NS;
 }
 
 /* Stores the fetched chunks [a, b] from buf; *ret_local on a local failure. */
@@ -897,9 +978,6 @@ static void deliver_progress(void *opaque, size_t got)
 		atomic_fetch_sub(&dl->d->unanswered, 1);
 }
 
-/* A body this long at least gives a rate worth averaging. */
-#define LINK_RATE_MIN_BYTES (64u << 10)
-
 static void link_average(atomic_uint_fast64_t *avg, uint64_t sample)
 {
 	uint64_t old = atomic_load(avg);
@@ -1004,6 +1082,9 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	if (background) {
 		h.hooks.hold = stream_hold;
 		h.hooks.hold_opaque = d;
+		rs.held = claims;
+		h.hooks.preempt = fill_preempted;
+		h.hooks.preempt_opaque = &rs;
 	} else {
 		h.hooks.on_wire = stream_demand_on_wire;
 		h.hooks.on_wire_opaque = d;
@@ -1022,9 +1103,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.progress_opaque = dl;
 			h.hooks.on_wire = deliver_on_wire;
 			h.hooks.on_wire_opaque = dl;
-		} else if (background && d->manifest_fd < 0) {
-			rs.claims = claims;
-			h.hooks.progress = run_store_progress;
+		} else if (background) {
+			/* Early stores; with a manifest, only the pace. */
+			rs.claims = d->manifest_fd < 0 ? claims : NULL;
+			h.hooks.progress = rs.claims ? run_store_progress : run_track_progress;
 			h.hooks.progress_opaque = &rs;
 		}
 		/* A fill with dl starts unanswered: ensure_chunks() calls it
@@ -1033,6 +1115,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			atomic_fetch_add(&d->waiting, 1);
 			atomic_fetch_add(&d->unanswered, 1);
 		}
+		rs.start_ns = now_ns();
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
 		for (int attempt = 0; attempt < 2; attempt++) {
@@ -1142,6 +1225,10 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 				if (!wait_for) {
 					wait_for = f;
 					f->refs++;
+					if (demand && f->background) {
+						f->demand_waiters++; /* fill_preempted() */
+						atomic_fetch_add(&d->demand_waits, 1);
+					}
 				}
 				if (n)
 					break;
@@ -1167,6 +1254,8 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 				return 1;
 		} else if (n) {
 			r = fill_run(d, claims, a, a + n - 1, &h, NULL);
+			if (r == -EINTR)
+				r = 0; /* preempted: what is absent again next pass */
 		} else if (!wait_for)
 			return -ENOMEM; /* could not claim: calloc failed */
 		if (wait_for) {
@@ -1174,8 +1263,11 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			bool background = wait_for->background;
 			int w = inflight_wait_locked(d, wait_for);
 			pthread_mutex_unlock(&d->lock);
+			/* Absent again: claim it next pass. */
+			if (w == -EINTR && r >= 0)
+				continue; /* preempted (fill_preempted) */
 			if (w < 0 && r >= 0 && demand && background && now_ns() < deadline)
-				continue; /* absent again: claim it next pass */
+				continue;
 			if (r >= 0)
 				r = w;
 		}

@@ -24,6 +24,8 @@ struct inflight {
 	int result;    /* 0 or -errno, valid once done; guarded by lock */
 	unsigned refs; /* owner + waiters; the last one frees; guarded by lock */
 	bool background; /* a fetch that gives up sooner than a demand read */
+	unsigned demand_waiters; /* demand callers waiting for it, if
+				  * background; guarded by lock */
 	struct inflight *next;
 };
 
@@ -120,6 +122,7 @@ struct cache_disk {
 				     * sticky until the disk is opened again;
 				     * set under commit_lock */
 	atomic_uint_fast64_t waiting;           /* demand fetches in progress */
+	atomic_uint_fast64_t demand_waits; /* the sum of demand_waiters */
 	/* The link as demand fetches see it (0 = not measured yet): time from
 	 * a request going out to its first body bytes, and body time per MiB.
 	 * Moving averages; read and written without a lock. */

@@ -30,6 +30,7 @@ struct xfer {
 	bool overflow;    /* the body was longer than asked */
 	bool not_partial; /* the status was not 206 */
 	bool stalled;     /* aborted: no byte for stall_s */
+	bool preempted;   /* aborted: rq->hooks.preempt said so */
 	struct fetch_pool *pool;
 	uint64_t last_ns;  /* when the received count last grew (or the start) */
 	curl_off_t last_now;
@@ -44,8 +45,8 @@ struct xfer {
 /*
  * Called by curl about once a second and on progress.  Aborts a transfer
  * that received nothing for stall_s seconds (curl's LOW_SPEED options
- * average over a window and notice a stall only seconds later), and every
- * transfer once the pool shuts down.
+ * average over a window and notice a stall only seconds later), one its
+ * preempt hook ends, and every transfer once the pool shuts down.
  */
 static int xfer_progress_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow,
 			    curl_off_t ultotal, curl_off_t ulnow)
@@ -56,6 +57,10 @@ static int xfer_progress_cb(void *opaque, curl_off_t dltotal, curl_off_t dlnow,
 	(void)dltotal, (void)ultotal, (void)ulnow;
 	if (atomic_load(&x->pool->shutdown))
 		return 1;
+	if (x->rq && x->rq->hooks.preempt && x->rq->hooks.preempt(x->rq->hooks.preempt_opaque)) {
+		x->preempted = true;
+		return 1;
+	}
 	if (dlnow != x->last_now) {
 		x->last_now = dlnow;
 		x->last_ns = now;
@@ -324,6 +329,10 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 	curl_easy_setopt(h, CURLOPT_WRITEDATA, NULL);
 	curl_slist_free_all(hdrs);
 
+	if (x.preempted) {
+		snprintf(ret->why, sizeof(ret->why), "preempted by a demand read");
+		return -EINTR;
+	}
 	if (ret->status && ret->status != 206)
 		return http_status_error(ret->status, ret, size, ret->why, sizeof(ret->why));
 	if (x.overflow) {

@@ -261,6 +261,8 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 			set_last_error(t, "");
 			return 0;
 		}
+		if (r == -EINTR)
+			return r; /* preempted (rq->hooks.preempt): no error */
 		atomic_fetch_add(&t->errors, 1);
 		char msg[sizeof(t->last_error)];
 		snprintf(msg, sizeof(msg), "%s (%s)", reply.why, t->shown);

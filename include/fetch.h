@@ -116,7 +116,8 @@ struct fetch_req {
  * Reads exactly len bytes at off.  DEMAND requests retry until the pool's
  * timeout has passed (counted from rq->since_ns if set); STREAM requests
  * try a few times and return, leaving back-off to the streamer.  Returns 0
- * or -ESTALE (template changed), -ETIMEDOUT, -EHOSTUNREACH, -EAGAIN, -EIO.
+ * or -ESTALE (template changed), -ETIMEDOUT, -EHOSTUNREACH, -EAGAIN, -EIO,
+ * or -EINTR when rq->hooks.preempt ended the transfer.
  * buf is borrowed for the call.
  */
 int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_t off,

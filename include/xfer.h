@@ -7,6 +7,7 @@
 #ifndef STREAMFS_XFER_H
 #define STREAMFS_XFER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct xfer_hooks {
@@ -32,6 +33,13 @@ struct xfer_hooks {
 	 * pwrite and hold back).  HTTP only: file:// reports no progress. */
 	void (*progress)(void *opaque, size_t got);
 	void *progress_opaque;
+	/* Set for background fills: polled as the transfer goes (at least
+	 * once a second); true ends it at once with -EINTR, which is neither
+	 * retried nor counted as an error.  A demand read waiting for one of
+	 * its chunks so need not wait for a slow transfer to end (see
+	 * fill_preempted in cache/disk.c).  HTTP only. */
+	bool (*preempt)(void *opaque);
+	void *preempt_opaque;
 };
 
 #endif
