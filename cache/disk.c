@@ -338,7 +338,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		goto fail;
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_mutex_init(&d->commit_lock, NULL);
-	pthread_cond_init(&d->fill_cond, NULL);
+	cond_init_monotonic(&d->fill_cond); /* preempt_handoff() */
 	stream_init(d);
 	readahead_init(d);
 	storeq_init(d);
@@ -670,10 +670,11 @@ struct run_store {
 				   * finished; NULL: the caller finishes them */
 	struct inflight **held;   /* the run's claims, for fill_preempted(); of
 				   * early stores, those from next on */
-	/* The fetch's pace, for fill_preempted(): */
-	uint64_t start_ns;        /* it began (or its last retry did) */
+	/* The current attempt's pace, for fill_preempted(): */
+	uint64_t start_ns;        /* it went out */
 	uint64_t first_ns;        /* its first progress, 0 = none yet */
 	size_t first_got, got;    /* bytes in then, and now */
+	uint64_t held_ns;         /* spent holding back since first_ns */
 	int r;                    /* a store's failure: then no more stores */
 };
 
@@ -709,15 +710,36 @@ static void run_track_progress(void *opaque, size_t got)
 {
 	struct run_store *rs = opaque;
 
-	if (got < rs->got) {
-		rs->start_ns = now_ns(); /* a retry: about when it began */
-		rs->first_ns = 0;
-	}
 	if (!rs->first_ns) {
 		rs->first_ns = now_ns();
 		rs->first_got = got;
 	}
 	rs->got = got;
+}
+
+/* A background fill's on_wire: each attempt's pace starts afresh. */
+static void run_on_wire(void *opaque, int delta)
+{
+	struct run_store *rs = opaque;
+
+	if (delta > 0) {
+		rs->start_ns = now_ns();
+		rs->first_ns = 0;
+		rs->first_got = rs->got = 0;
+		rs->held_ns = 0;
+	}
+}
+
+/* A background fill's hold: stream_hold(), timed, so that holding back
+ * for demand requests does not count as a slow transfer. */
+static void run_hold(void *opaque)
+{
+	struct run_store *rs = opaque;
+	uint64_t t = now_ns();
+
+	stream_hold(rs->d);
+	if (rs->first_ns)
+		rs->held_ns += now_ns() - t;
 }
 
 static void run_store_progress(void *opaque, size_t got)
@@ -737,19 +759,24 @@ static void run_store_progress(void *opaque, size_t got)
  * the stream, but a reader of a chunk that a background fill has in
  * flight waits for that fill (one fetch per chunk).  On a slow link, or
  * from a slow server, a run of 4 MiB takes seconds, more than a request
- * of the reader's own chunk would.  The fill's preempt hook ends it once
- * a demand read waits for one of its chunks not stored yet and that
- * chunk would take longer to arrive than twice what a demand fetch of it
- * takes (the link estimate; before there is one, PREEMPT_GUESS_NS), plus
- * PREEMPT_MARGIN_NS: at the body's pace so far (once LINK_RATE_MIN_BYTES
- * of it are in), or, before its first bytes, as long again as the wait
- * for them so far.  The chunks not stored stay absent, the reader
- * fetches its own (ensure_chunks), and the background caller takes up
- * the rest again.  On a healthy link (loopback; 20 ms, where a run's body
- * takes about 13 ms) nothing is preempted.
+ * of the reader's own chunk would, and a server that sends a byte every
+ * few seconds keeps it going for ever.  The fill's preempt hook ends it
+ * once a demand read waits for one of its chunks not stored yet, and the
+ * fill is slow: its wait for the first bytes has lasted more than twice
+ * the threshold, or its body has taken more than the threshold (time
+ * held back for demand requests left out) and, at its pace so far
+ * (taken from LINK_RATE_MIN_BYTES of body at least; less counts as slow),
+ * the reader's chunk would take longer than the threshold again.  The
+ * threshold is twice what a demand fetch of the chunk takes (the link
+ * estimate; before there is one, PREEMPT_GUESS_NS), plus
+ * PREEMPT_MARGIN_NS.  A healthy run is not preempted: on loopback it
+ * takes a few ms against a 20 ms threshold; at 20 ms, about 35 ms against
+ * 66 ms.  The chunks not stored stay absent; the background caller lets
+ * the readers claim theirs (preempt_handoff), and they fetch them.
  */
 #define PREEMPT_MARGIN_NS (20 * 1000000ull)
 #define PREEMPT_GUESS_NS (100 * 1000000ull)
+#define PREEMPT_HANDOFF_NS (100 * 1000000ull)
 
 static bool fill_preempted(void *opaque)
 {
@@ -772,18 +799,18 @@ static bool fill_preempted(void *opaque)
 	double own = first && per_mib ? (double)first + (double)disk_chunk_len(d, want) *
 							    (double)per_mib / (1u << 20)
 				      : (double)PREEMPT_GUESS_NS;
+	double thr = 2 * own + (double)PREEMPT_MARGIN_NS;
 	uint64_t now = now_ns();
-	double left;
-	if (!rs->first_ns) {
-		left = (double)(now - rs->start_ns);
-	} else if (rs->got - rs->first_got >= LINK_RATE_MIN_BYTES) {
-		double need = (double)disk_run_len(d, rs->a, want);
-		left = (need - (double)rs->got) * (double)(now - rs->first_ns) /
-		       (double)(rs->got - rs->first_got);
-	} else {
-		return false; /* too little body to tell its pace */
-	}
-	return left > 2 * own + (double)PREEMPT_MARGIN_NS;
+	if (!rs->first_ns)
+		return (double)(now - rs->start_ns) > 2 * thr;
+	double body = (double)(now - rs->first_ns - rs->held_ns);
+	if (body <= thr)
+		return false;
+	if (rs->got - rs->first_got < LINK_RATE_MIN_BYTES)
+		return true; /* a trickle */
+	/* With a manifest, no chunk is stored before the whole run. */
+	double need = (double)disk_run_len(d, rs->a, rs->claims ? want : rs->b);
+	return (need - (double)rs->got) * body / (double)(rs->got - rs->first_got) > thr;
 }
 
 /* Stores the fetched chunks [a, b] from buf; *ret_local on a local failure. */
@@ -1058,6 +1085,42 @@ static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uin
 	return d->src.fetch_range(d->src.opaque, buf, head, off, &rest);
 }
 
+/* A preempted fill's chunks that demand reads wait for, into out. */
+static size_t preempt_waited(struct cache_disk *d, struct inflight **claims, uint64_t a,
+			     uint64_t b, uint64_t *out)
+{
+	size_t n = 0;
+
+	LOCK_GUARD(&d->lock);
+	for (uint64_t i = a; i <= b; i++)
+		if (claims[i - a] && claims[i - a]->demand_waiters)
+			out[n++] = i;
+	return n;
+}
+
+/*
+ * After a preempted fill has finished its claims: waits (PREEMPT_HANDOFF_NS
+ * at most) until the readers it woke have claimed their chunks, or they
+ * are present, so that its caller, which goes on at once, does not claim
+ * them first and leave the readers waiting for another slow transfer.
+ */
+static void preempt_handoff(struct cache_disk *d, const uint64_t *idx, size_t n)
+{
+	uint64_t until = now_ns() + PREEMPT_HANDOFF_NS;
+
+	LOCK_GUARD(&d->lock);
+	for (size_t k = 0; k < n;) {
+		if (bitmap_get(&d->present, idx[k]) || inflight_find_locked(d, idx[k])) {
+			k++;
+			continue;
+		}
+		uint64_t now = now_ns();
+		if (now >= until)
+			break;
+		cond_wait_until(&d->fill_cond, &d->lock, MIN(until, now + 1000000));
+	}
+}
+
 /*
  * Fetches chunks [a, b], all claimed by the caller, and finishes the
  * claims.  With dl, the reader's bytes are handed to dl->answer as soon as
@@ -1080,9 +1143,11 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 
 	budget_take(fill_budget(background), len);
 	if (background) {
-		h.hooks.hold = stream_hold;
-		h.hooks.hold_opaque = d;
 		rs.held = claims;
+		h.hooks.hold = run_hold;
+		h.hooks.hold_opaque = &rs;
+		h.hooks.on_wire = run_on_wire;
+		h.hooks.on_wire_opaque = &rs;
 		h.hooks.preempt = fill_preempted;
 		h.hooks.preempt_opaque = &rs;
 	} else {
@@ -1115,7 +1180,6 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			atomic_fetch_add(&d->waiting, 1);
 			atomic_fetch_add(&d->unanswered, 1);
 		}
-		rs.start_ns = now_ns();
 		/* A chunk that does not match the manifest is fetched once
 		 * more (a glitch on the way), then it is an error. */
 		for (int attempt = 0; attempt < 2; attempt++) {
@@ -1165,7 +1229,10 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	}
 	buf_put(buf, len);
 	budget_give(fill_budget(background), len);
+	uint64_t handoff[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
+	size_t nhandoff = r == -EINTR ? preempt_waited(d, claims, a, b, handoff) : 0;
 	fill_finish(d, claims, a, b, r, local, bad);
+	preempt_handoff(d, handoff, nhandoff);
 	return r;
 }
 
@@ -1264,12 +1331,12 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			int w = inflight_wait_locked(d, wait_for);
 			pthread_mutex_unlock(&d->lock);
 			/* Absent again: claim it next pass. */
-			if (w == -EINTR && r >= 0)
-				continue; /* preempted (fill_preempted) */
 			if (w < 0 && r >= 0 && demand && background && now_ns() < deadline)
 				continue;
+			if (w == -EINTR && r >= 0 && !demand)
+				continue; /* preempted (fill_preempted) */
 			if (r >= 0)
-				r = w;
+				r = w == -EINTR ? -ETIMEDOUT : w;
 		}
 		if (r < 0)
 			return r;

@@ -824,48 +824,53 @@ def test_a_read_waiting_for_a_failed_stream_fetch_fetches_itself():
 
 
 def test_a_read_does_not_wait_for_a_slow_stream_transfer():
-    """The chunk command's transfer of chunk 2 comes at 128 KiB/s (8 s);
-    a VM's read of that chunk must not wait for it, but preempt it and
-    fetch the chunk itself, with no error shown; the chunk command then
-    succeeds.  A read before teaches streamfs the link (loopback)."""
+    """The chunk command's transfer of a chunk comes slowly: at 128 KiB/s
+    (8 s), then for another chunk at 2 KiB/s (a trickle, under the 10 s
+    stall rule).  A VM's read of that chunk must not wait for it, but
+    preempt it and fetch the chunk itself, with no error shown; the chunk
+    command then succeeds.  A read before teaches streamfs the link."""
     t, srv, img = setup("preempt")
-    idx = 2
     with h.Mount(ws(), img, opts=("stream=manual",)) as m:
         p = m.path("preempt")
         read_ok(m, "preempt", t, 3 * CHUNK, 4 * KiB, "read that measures the link")
-        srv.mark()
-        srv.set_rules([rule("slow", t, rate=128 * KiB, count=1)])
-        replies = []
-        stream = threading.Thread(
-            target=lambda: replies.append(control(m, f"chunk preempt {idx * CHUNK}\n")),
-            daemon=True)
-        stream.start()
-        time.sleep(1)
-        if xattr(p, "cached") != str(CHUNK):
-            fail(f"cached {xattr(p, 'cached')} before the read: the test's timing does not hold")
-        off = idx * CHUNK + 512 * KiB
-        elapsed = read_ok(m, "preempt", t, off, 64 * KiB,
-                          "read of the chunk a slow stream transfer is fetching")
-        if elapsed > 2.5:
-            fail(f"the read waited {elapsed:.2f} s for a stream transfer at 128 KiB/s")
-        stream.join(20)
-        if not replies or "error" in replies[0].lower():
-            fail(f"the chunk command replied {replies!r} after its transfer was preempted")
-        x = xattrs(p)
-        if x["error"] or x["errors"] != "0":
-            fail(f"a preempted transfer shows as an error: error {x['error']!r}, "
-                 f"errors {x['errors']}")
-        recs = srv.records(f"/{t.name}")
-        slow = [r for r in recs if r["fault"] == "slow"]
-        # The read's own fetch: one request, or two (reader first).
-        good = [rec_range(r) for r in recs if is_good_fetch(r) and not r["fault"]]
-        if (len(slow) != 1 or not h.covered(good, idx * CHUNK, (idx + 1) * CHUNK - 1)
-                or h.overlapping(good) or len(good) > 2):
-            fail(f"expected the slow stream transfer, then one fetch of the read's "
-                 f"chunk:\n{show(recs)}")
-        h.log(f"read of a chunk a 128 KiB/s stream transfer was fetching: {elapsed:.2f} s; "
-              f"chunk command {replies[0].strip()!r}")
-    check_image_region(img, "preempt", t, idx * CHUNK, CHUNK, "preempted stream chunk")
+        for idx, rate in ((2, 128 * KiB), (1, 2 * KiB)):
+            what = f"chunk {idx} streamed at {rate // KiB} KiB/s"
+            cached = xattr(p, "cached")
+            srv.mark()
+            srv.set_rules([rule("slow", t, rate=rate, count=1)])
+            replies = []
+            stream = threading.Thread(
+                target=lambda: replies.append(control(m, f"chunk preempt {idx * CHUNK}\n")),
+                daemon=True)
+            stream.start()
+            time.sleep(1)
+            if xattr(p, "cached") != cached:
+                fail(f"{what}: cached {xattr(p, 'cached')} before the read: the test's "
+                     "timing does not hold")
+            off = idx * CHUNK + 512 * KiB
+            elapsed = read_ok(m, "preempt", t, off, 64 * KiB, f"{what}: read of the chunk")
+            if elapsed > 2.5:
+                fail(f"{what}: the read waited {elapsed:.2f} s for the stream's transfer")
+            stream.join(20)
+            if not replies or "error" in replies[0].lower():
+                fail(f"{what}: the chunk command replied {replies!r} after its transfer "
+                     "was preempted")
+            x = xattrs(p)
+            if x["error"] or x["errors"] != "0":
+                fail(f"{what}: a preempted transfer shows as an error: error {x['error']!r}, "
+                     f"errors {x['errors']}")
+            recs = srv.records(f"/{t.name}")
+            slow = [r for r in recs if r["fault"] == "slow"]
+            # The read's own fetch: one request, or two (reader first).
+            good = [rec_range(r) for r in recs if is_good_fetch(r) and not r["fault"]]
+            if (len(slow) != 1 or not h.covered(good, idx * CHUNK, (idx + 1) * CHUNK - 1)
+                    or h.overlapping(good) or len(good) > 2):
+                fail(f"{what}: expected the slow stream transfer, then one fetch of the "
+                     f"read's chunk:\n{show(recs)}")
+            h.log(f"{what}: the read took {elapsed:.2f} s; chunk command "
+                  f"{replies[0].strip()!r}")
+    for idx in (1, 2):
+        check_image_region(img, "preempt", t, idx * CHUNK, CHUNK, f"preempted chunk {idx}")
     srv.stop()
 
 
