@@ -703,9 +703,8 @@ static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
 	}
 }
 
-/* The fetch's progress, for early stores: stores the chunks wholly in.  A
- * retry starts again from 0 with the same bytes, and finds its first
- * chunks stored. */
+/* A background fetch's progress: the pace of the attempt, for
+ * fill_preempted(). */
 static void run_track_progress(void *opaque, size_t got)
 {
 	struct run_store *rs = opaque;
@@ -742,6 +741,9 @@ static void run_hold(void *opaque)
 		rs->held_ns += now_ns() - t;
 }
 
+/* The fetch's progress, for early stores: stores the chunks wholly in.  A
+ * retry starts again from 0 with the same bytes, and finds its first
+ * chunks stored. */
 static void run_store_progress(void *opaque, size_t got)
 {
 	struct run_store *rs = opaque;

@@ -183,10 +183,10 @@ typedef bool cache_answer_fn(void *opaque, const void *data, size_t len);
  * to answer() as soon as its bytes are in (with a manifest, whose check
  * needs whole chunks, once the run is checked; either way before the
  * store), and *ret_data stays NULL if answer() took them; then returns 1
- * at once after the fill, whatever its result.  Returns CACHE_READ_ZEROS instead of 0
- * when every chunk of the range was stored as a hole since the disk was
- * opened and not written since: the range reads as zeros, and the caller
- * may answer from zeros rather than read the image.
+ * at once after the fill, whatever its result.  Returns CACHE_READ_ZEROS
+ * instead of 0 when every chunk of the range was stored as a hole since
+ * the disk was opened and not written since: the range reads as zeros,
+ * and the caller may answer from zeros rather than read the image.
  */
 #define CACHE_READ_ZEROS 2
 int cache_disk_prepare_read(struct cache_disk *d, uint64_t off, size_t len, void **ret_data,

@@ -13,15 +13,16 @@
 struct xfer_hooks {
 	/* Set for background fills: called between pieces of the body; it
 	 * may sleep to hold the transfer back (the socket is not read
-	 * meanwhile, so TCP slows the sender) while a demand fetch of the
-	 * same disk is in progress (see cache/stream.c). */
+	 * meanwhile, so TCP slows the sender) while a demand request of any
+	 * disk is under way (see cache/stream.c). */
 	void (*hold)(void *opaque);
 	void *hold_opaque;
-	/* Set for demand fills: called with +1 once the transfer has a
-	 * connection and is about to start, and with -1 when it has ended
-	 * (once per attempt).  Background fills hold back only for demand
-	 * requests on the wire, never for one queued for a connection that a
-	 * held-back transfer would free. */
+	/* Called with +1 once the transfer has a connection and is about to
+	 * start, and with -1 when it has ended (once per attempt).  Demand
+	 * fills count their requests on the wire with it: background fills
+	 * hold back only for those, never for one queued for a connection
+	 * that a held-back transfer would free.  Background fills time each
+	 * attempt's pace with it (for preempt). */
 	void (*on_wire)(void *opaque, int delta);
 	void *on_wire_opaque;
 	/* Called as the body arrives with how many bytes at the start of

@@ -389,6 +389,23 @@ def control(m, cmd):
         os.close(fd)
 
 
+def chunk_command_in_thread(m, name, off):
+    """Sends `chunk NAME OFF` from a thread: it returns once the chunk is
+    in, or fails with its fetch.  Returns the thread and a list that gets
+    the reply, or the error's text."""
+    replies = []
+
+    def run():
+        try:
+            replies.append(control(m, f"chunk {name} {off}\n"))
+        except OSError as e:
+            replies.append(e.strerror)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, replies
+
+
 def setup(name, tname=None, size=SIZE):
     """A template, a fault server and a disk NAME added from it; the log is
     marked after the add's probe."""
@@ -788,22 +805,13 @@ def test_a_read_waiting_for_a_failed_stream_fetch_fetches_itself():
     itself within its own timeout."""
     t, srv, img = setup("inherit")
     idx = 3
-    # The stream's three attempts: a reply that stalls 1 s then closes,
-    # then two 503s.  The read's own request gets no fault.
-    srv.set_rules([rule("stall", t, count=1, after_bytes=0, seconds=1),
-                   rule("status", t, count=2, status=503)])
-    allow = [r"stall|HTTP 503|cannot fetch|Partial|transfer closed"]
+    # The stream's three attempts get 503s with Retry-After: 1, so the
+    # fetch fails after 2 s, with no transfer to preempt while the read
+    # waits.  The read's own request gets no fault.
+    srv.set_rules([rule("status", t, count=3, status=503, retry_after=1)])
+    allow = [r"HTTP 503|cannot fetch"]
     with h.Mount(ws(), img, opts=("stream=manual",), allow=allow) as m:
-        replies = []
-
-        def stream_chunk():
-            try:
-                replies.append(control(m, f"chunk inherit {idx * CHUNK}\n"))
-            except OSError as e:  # the chunk command fails with its fetch
-                replies.append(e.strerror)
-
-        stream = threading.Thread(target=stream_chunk, daemon=True)
-        stream.start()
+        stream, replies = chunk_command_in_thread(m, "inherit", idx * CHUNK)
         h.wait_until(lambda: srv.records(f"/{t.name}", settle=0), 5,
                      "the stream's first request")
         off = idx * CHUNK + 256 * KiB
@@ -812,8 +820,10 @@ def test_a_read_waiting_for_a_failed_stream_fetch_fetches_itself():
         stream.join(30)
         recs = srv.records(f"/{t.name}")
         faulty = [r for r in recs if r["fault"]]
-        if [r["fault"] for r in faulty] != ["stall", "status", "status"]:
+        if len(faulty) != 3 or recs[:3] != faulty:
             fail(f"expected the stream's three faulty attempts first:\n{show(recs)}")
+        if not replies or "error" not in replies[0].lower():
+            fail(f"the chunk command replied {replies!r}: its fetch was to fail")
         if not any(is_good_fetch(r) and r["time"] >= faulty[-1]["time"]
                    for r in touching(recs, off, 64 * KiB)):
             fail(f"no clean fetch of the chunk after the stream's failure:\n{show(recs)}")
@@ -838,11 +848,7 @@ def test_a_read_does_not_wait_for_a_slow_stream_transfer():
             cached = xattr(p, "cached")
             srv.mark()
             srv.set_rules([rule("slow", t, rate=rate, count=1)])
-            replies = []
-            stream = threading.Thread(
-                target=lambda: replies.append(control(m, f"chunk preempt {idx * CHUNK}\n")),
-                daemon=True)
-            stream.start()
+            stream, replies = chunk_command_in_thread(m, "preempt", idx * CHUNK)
             time.sleep(1)
             if xattr(p, "cached") != cached:
                 fail(f"{what}: cached {xattr(p, 'cached')} before the read: the test's "
