@@ -843,9 +843,11 @@ def test_a_read_does_not_wait_for_a_slow_stream_transfer():
     with h.Mount(ws(), img, opts=("stream=manual",)) as m:
         p = m.path("preempt")
         read_ok(m, "preempt", t, 3 * CHUNK, 4 * KiB, "read that measures the link")
-        for idx, rate in ((2, 128 * KiB), (1, 2 * KiB)):
+        for k, (idx, rate) in enumerate(((2, 128 * KiB), (1, 2 * KiB))):
             what = f"chunk {idx} streamed at {rate // KiB} KiB/s"
-            cached = xattr(p, "cached")
+            # The chunks read so far are stored (in the background).
+            cached = str((k + 1) * CHUNK)
+            h.wait_until(lambda: xattr(p, "cached") == cached, 10, "the chunks read to be stored")
             srv.mark()
             srv.set_rules([rule("slow", t, rate=rate, count=1)])
             stream, replies = chunk_command_in_thread(m, "preempt", idx * CHUNK)
