@@ -39,9 +39,10 @@
  * The kernel fails with EIO an open whose mode differs from the files
  * already open on that inode (passthrough against page-cached), so the
  * mode of each open is chosen here from the disk's open counts: only
- * read-only opens of a complete disk start passthrough, only while no
- * page-cached or direct-io descriptor is open, and every open made while
- * a passthrough descriptor is open gets passthrough too.  A writable one
+ * read-only opens of a complete disk, all of it saved (saved_locked),
+ * start passthrough, only while no page-cached or direct-io descriptor
+ * is open, and every open made while a passthrough descriptor is open
+ * gets passthrough too.  A writable one
  * also gets FOPEN_DIRECT_IO, which overrides passthrough for read and
  * write: its writes still come through the daemon, which keeps them
  * inside the disk (the kernel would let them grow the image) and counts
@@ -344,6 +345,24 @@ static int32_t backing_get_locked(struct mount_disk *md)
 	return id;
 }
 
+/*
+ * Whether every chunk of a complete disk is saved, saving them now if
+ * not (a disk just completed, before the flusher's next sync).  Reads of
+ * a passthrough descriptor never reach the daemon, so they could not fail
+ * with EIO for chunks that a failed sync of the image then forgets; they
+ * would read what the device kept instead.
+ */
+static bool saved_locked(struct mount_disk *md)
+{
+	if (!cache_disk_dirty(md->disk))
+		return true;
+	int r = cache_disk_sync(md->disk);
+	if (r < 0)
+		log_debug(LOG_SUB_FS, "disk %s: no passthrough: cannot save it: %s", md->name,
+			  strerror(-r));
+	return r == 0 && cache_disk_complete(md->disk);
+}
+
 void fs_open_mode(struct mount_disk *md, struct fuse_file_info *fi)
 {
 	bool rdonly = (fi->flags & O_ACCMODE) == O_RDONLY;
@@ -354,7 +373,7 @@ void fs_open_mode(struct mount_disk *md, struct fuse_file_info *fi)
 	if (md->pt_opens)
 		id = md->backing_id; /* the kernel wants every open like the others */
 	else if (rdonly && !md->cached_opens && !md->direct_opens && atomic_load(&pt.offered) &&
-		 pt.enabled && !atomic_load(&pt.broken) && complete)
+		 pt.enabled && !atomic_load(&pt.broken) && complete && saved_locked(md))
 		id = backing_get_locked(md);
 	if (id > 0) {
 		md->pt_opens++;
