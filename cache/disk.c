@@ -666,10 +666,10 @@ struct run_store {
 	const char *buf;          /* the fetch buffer, holding chunk a on */
 	uint64_t a, b;
 	uint64_t next;            /* the first chunk not stored yet */
-	struct inflight **claims; /* early stores: the run's, NULL once
-				   * finished; NULL: the caller finishes them */
-	struct inflight **held;   /* the run's claims, for fill_preempted(); of
-				   * early stores, those from next on */
+	struct inflight **claims; /* a background fill's, for fill_preempted();
+				   * with early, those before next are NULL */
+	bool early;               /* early stores: each chunk stored finishes
+				   * its claim; else the caller finishes them */
 	/* The current attempt's pace, for fill_preempted(): */
 	uint64_t start_ns;        /* it went out */
 	uint64_t first_ns;        /* its first progress, 0 = none yet */
@@ -678,7 +678,7 @@ struct run_store {
 	int r;                    /* a store's failure: then no more stores */
 };
 
-/* Stores chunks [rs->next, upto), finishing their claims if rs has them;
+/* Stores chunks [rs->next, upto), finishing their claims if rs->early;
  * with hold, holds back before each (from the fetch's progress, the
  * transfer has just held back before this piece). */
 static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
@@ -693,7 +693,7 @@ static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
 		rs->r = store_chunk(d, rs->next, rs->buf + (k << d->chunk_shift));
 		if (rs->r < 0)
 			return;
-		if (rs->claims) {
+		if (rs->early) {
 			pthread_mutex_lock(&d->lock);
 			inflight_finish_locked(d, rs->claims[k], 0);
 			pthread_mutex_unlock(&d->lock);
@@ -790,7 +790,7 @@ static bool fill_preempted(void *opaque)
 		return false;
 	pthread_mutex_lock(&d->lock);
 	for (uint64_t i = rs->next; i <= rs->b && want == UINT64_MAX; i++)
-		if (rs->held[i - rs->a]->demand_waiters)
+		if (rs->claims[i - rs->a]->demand_waiters)
 			want = i;
 	pthread_mutex_unlock(&d->lock);
 	if (want == UINT64_MAX)
@@ -811,7 +811,7 @@ static bool fill_preempted(void *opaque)
 	if (rs->got - rs->first_got < LINK_RATE_MIN_BYTES)
 		return true; /* a trickle */
 	/* With a manifest, no chunk is stored before the whole run. */
-	double need = (double)disk_run_len(d, rs->a, rs->claims ? want : rs->b);
+	double need = (double)disk_run_len(d, rs->a, rs->early ? want : rs->b);
 	return (need - (double)rs->got) * body / (double)(rs->got - rs->first_got) > thr;
 }
 
@@ -1145,7 +1145,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 
 	budget_take(fill_budget(background), len);
 	if (background) {
-		rs.held = claims;
+		rs.claims = claims;
 		h.hooks.hold = run_hold;
 		h.hooks.hold_opaque = &rs;
 		h.hooks.on_wire = run_on_wire;
@@ -1172,8 +1172,8 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 			h.hooks.on_wire_opaque = dl;
 		} else if (background) {
 			/* Early stores; with a manifest, only the pace. */
-			rs.claims = d->manifest_fd < 0 ? claims : NULL;
-			h.hooks.progress = rs.claims ? run_store_progress : run_track_progress;
+			rs.early = d->manifest_fd < 0;
+			h.hooks.progress = rs.early ? run_store_progress : run_track_progress;
 			h.hooks.progress_opaque = &rs;
 		}
 		/* A fill with dl starts unanswered: ensure_chunks() calls it
