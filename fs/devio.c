@@ -42,11 +42,10 @@
  * read-only opens of a complete disk, all of it saved (saved_locked),
  * start passthrough, only while no page-cached or direct-io descriptor
  * is open, and every open made while a passthrough descriptor is open
- * gets passthrough too.  A writable one
- * also gets FOPEN_DIRECT_IO, which overrides passthrough for read and
- * write: its writes still come through the daemon, which keeps them
- * inside the disk (the kernel would let them grow the image) and counts
- * them for fsync.
+ * gets passthrough too.  A writable one also gets FOPEN_DIRECT_IO,
+ * which overrides passthrough for read and write: its writes still come
+ * through the daemon, which keeps them inside the disk (the kernel would
+ * let them grow the image) and counts them for fsync.
  * RELEASE reaches the daemon after the kernel has dropped the file, so
  * these counts are never below the kernel's and the rule holds.
  *
