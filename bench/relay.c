@@ -271,14 +271,20 @@ static _wur_ int dir_recv(struct dir *d, uint64_t now)
 
 /*
  * Earliest future time at which a timer (not fd readiness) lets this
- * direction progress, or UINT64_MAX.
+ * direction progress, or UINT64_MAX.  Bytes already due wait for dst's
+ * POLLOUT, not for a timer: a deadline in the past would spin the thread
+ * for as long as the receiver does not read.
  */
-static uint64_t dir_deadline(struct dir *d)
+static uint64_t dir_deadline(struct dir *d, uint64_t now)
 {
 	uint64_t t = UINT64_MAX;
 
-	if (d->seg_sent < d->seg_n)
-		t = dir_seg(d, d->seg_sent)->due_ns;
+	if (d->seg_sent < d->seg_n) {
+		uint64_t due = dir_seg(d, d->seg_sent)->due_ns;
+
+		if (due > now || d->can_write)
+			t = due;
+	}
 	if (!d->eof && !dir_has_room(d) && d->seg_sent > 0) {
 		uint64_t credit = dir_seg(d, 0)->due_ns +
 				  d->conn->relay->opts->delay_ns;
@@ -342,7 +348,7 @@ static _wur_ int dir_run(struct dir *d)
 			ipoll_dst = (int)nfds;
 			pfd[nfds++] = (struct pollfd){ .fd = d->dst, .events = POLLOUT };
 		}
-		deadline = dir_deadline(d);
+		deadline = dir_deadline(d, now);
 		if (deadline != UINT64_MAX) {
 			uint64_t wait = deadline > now ? deadline - now : 0;
 
