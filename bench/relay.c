@@ -9,13 +9,18 @@
  * window: a byte is charged when it is read and credited back one delay
  * after it was delivered (when its ACK would arrive on a real link), so a
  * single connection tops out near window / (2 * delay).  Memory is bounded
- * by two windows per live connection.
+ * by two windows per live connection.  --rate adds a bottleneck link that
+ * the upstream->client directions of all connections share: each takes
+ * turns of RELAY_QUANTUM bytes on it, so busy connections split it fairly
+ * and one that wakes up waits behind a quantum of each, not behind their
+ * windows (a fair-queueing router, not a FIFO).
  *
  * Threading: the main thread owns the listening socket and a signalfd.
  * Each connection has two threads, one per direction.  A direction's queue
  * belongs to its thread alone, so the data path takes no locks; the two
  * threads of a connection share only an abort flag and an eventfd that
- * wakes them.  relay->lock guards the connection list used at shutdown.
+ * wakes them.  relay->lock guards the connection list used at shutdown;
+ * relay->link_lock the link's clock (--rate).
  *
  * Standalone on purpose: builds with
  *   cc -O2 -Wall -Wextra -pthread -o relay bench/relay.c
@@ -51,6 +56,7 @@
 #define RELAY_SEG_MAX 8192u		/* queued segments per direction */
 #define RELAY_STACK (256u * 1024)	/* bytes of stack per relay thread */
 #define RELAY_BACKLOG 512
+#define RELAY_QUANTUM (16u * 1024)	/* --rate: bytes per turn on the link */
 #define NSEC_PER_MSEC 1000000ull
 #define NSEC_PER_SEC 1000000000ull
 
@@ -61,6 +67,7 @@ struct relay_opts {
 	struct sockaddr_in connect_addr;
 	uint64_t delay_ns;	/* one-way hold time per byte */
 	size_t window;		/* bytes in flight per direction, >= 1 */
+	uint64_t rate;		/* upstream->client bytes/s over all conns, 0: none */
 	const char *port_file;	/* NULL: don't write one */
 	bool stats;
 };
@@ -68,6 +75,7 @@ struct relay_opts {
 /* One recv(2)'s worth of bytes, released as a unit. */
 struct seg {
 	uint64_t due_ns;	/* CLOCK_MONOTONIC time the bytes may be sent */
+	uint64_t sent_ns;	/* when its last byte was sent (--rate only) */
 	uint64_t end;		/* stream offset one past the segment's end */
 };
 
@@ -90,6 +98,10 @@ struct dir {
 	bool can_read;		/* src not known to be drained (no EAGAIN yet) */
 	bool can_write;		/* dst not known to be full */
 	int err;		/* first fatal -errno of this direction, 0 if none */
+	/* --rate, upstream->client only: the turn on the shared link this
+	 * direction holds, for bytes [wr, grant_end), from grant_ns on. */
+	bool limited;
+	uint64_t grant_ns, grant_end;
 };
 
 struct conn {
@@ -111,6 +123,8 @@ struct relay {
 	struct conn *conns;	/* guarded by lock */
 	size_t nconns;		/* guarded by lock */
 	unsigned long next_id;	/* main thread only */
+	pthread_mutex_t link_lock; /* protects: link_free_ns; leaf lock */
+	uint64_t link_free_ns;	/* --rate: when the shared link is next free */
 };
 
 static uint64_t now_ns(void)
@@ -125,6 +139,24 @@ static uint64_t now_ns(void)
 static size_t min_size(size_t a, size_t b)
 {
 	return a < b ? a : b;
+}
+
+/*
+ * --rate: takes a turn of q bytes on the link that every connection's
+ * upstream->client direction shares, and returns when it starts.  Each
+ * direction takes at most one quantum ahead, so backlogged connections
+ * take turns and a newly busy one waits behind one quantum of each: fair
+ * queueing at the bottleneck, as fq_codel does, not one shared FIFO.
+ */
+static uint64_t link_take(struct relay *rl, uint64_t now, size_t q)
+{
+	uint64_t start;
+
+	pthread_mutex_lock(&rl->link_lock);
+	start = rl->link_free_ns > now ? rl->link_free_ns : now;
+	rl->link_free_ns = start + (uint64_t)q * NSEC_PER_SEC / rl->opts->rate;
+	pthread_mutex_unlock(&rl->link_lock);
+	return start;
 }
 
 /* The i-th held segment, oldest first. */
@@ -158,7 +190,9 @@ static void dir_credit(struct dir *d, uint64_t now)
 	while (d->seg_sent > 0) {
 		struct seg *s = dir_seg(d, 0);
 
-		if (s->due_ns + delay > now)
+		/* Behind a rate-limited link a segment leaves later than it
+		 * was due: its ACK comes a delay after it left. */
+		if ((d->limited ? s->sent_ns : s->due_ns) + delay > now)
 			break;
 		d->ack = s->end;
 		d->seg_head = (d->seg_head + 1) % RELAY_SEG_MAX;
@@ -204,6 +238,17 @@ static _wur_ int dir_send(struct dir *d, uint64_t now)
 
 	if (len == 0)
 		return 0;
+	if (d->limited) {
+		if (d->grant_end <= d->wr) {
+			size_t q = min_size(len, RELAY_QUANTUM);
+
+			d->grant_ns = link_take(d->conn->relay, now, q);
+			d->grant_end = d->wr + q;
+		}
+		if (d->grant_ns > now)
+			return 0; /* dir_deadline() wakes us for our turn */
+		len = min_size(len, (size_t)(d->grant_end - d->wr));
+	}
 	iov[0].iov_base = d->buf + off;
 	iov[0].iov_len = min_size(len, cap - off);
 	if (len > iov[0].iov_len) {
@@ -223,7 +268,7 @@ static _wur_ int dir_send(struct dir *d, uint64_t now)
 	}
 	d->wr += (uint64_t)n;
 	while (d->seg_sent < d->seg_n && dir_seg(d, d->seg_sent)->end <= d->wr)
-		d->seg_sent++;
+		dir_seg(d, d->seg_sent++)->sent_ns = now;
 	return 1;
 }
 
@@ -272,8 +317,9 @@ static _wur_ int dir_recv(struct dir *d, uint64_t now)
 /*
  * Earliest future time at which a timer (not fd readiness) lets this
  * direction progress, or UINT64_MAX.  Bytes already due wait for dst's
- * POLLOUT, not for a timer: a deadline in the past would spin the thread
- * for as long as the receiver does not read.
+ * POLLOUT, not for a timer (a deadline in the past would spin the thread
+ * for as long as the receiver does not read), or for their turn on the
+ * link (--rate).
  */
 static uint64_t dir_deadline(struct dir *d, uint64_t now)
 {
@@ -282,8 +328,10 @@ static uint64_t dir_deadline(struct dir *d, uint64_t now)
 	if (d->seg_sent < d->seg_n) {
 		uint64_t due = dir_seg(d, d->seg_sent)->due_ns;
 
-		if (due > now || d->can_write)
+		if (due > now)
 			t = due;
+		else if (d->can_write) /* due, yet unsent: waits for its turn */
+			t = d->limited ? d->grant_ns : now;
 	}
 	if (!d->eof && !dir_has_room(d) && d->seg_sent > 0) {
 		uint64_t credit = dir_seg(d, 0)->due_ns +
@@ -616,6 +664,7 @@ static _wur_ int relay_conn_start(struct relay *rl, int client_fd)
 		r = dir_init(&c->c2u, c);
 	if (r == 0)
 		r = dir_init(&c->u2c, c);
+	c->u2c.limited = rl->opts->rate > 0;
 	if (r == 0)
 		r = thread_attr_init(&attr, true);
 	if (r < 0) {
@@ -834,6 +883,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: relay --listen <addr>:<port> --connect <addr>:<port>\n"
 		"             [--delay-ms <ms>] [--window <bytes>[k|m|g]]\n"
+		"             [--rate <bytes/s>[k|m|g]]\n"
 		"             [--port-file <file>] [--stats]\n"
 		"\n"
 		"Delaying TCP relay for benchmarks (loopback addresses only).\n"
@@ -841,6 +891,8 @@ static void usage(FILE *f)
 		"  --connect    upstream to open for each accepted connection\n"
 		"  --delay-ms   one-way delay per byte, each direction (default 10)\n"
 		"  --window     bytes in flight per direction (default 6m)\n"
+		"  --rate       upstream->client bytes/s, one link shared by every\n"
+		"               connection in fair turns (default: no limit)\n"
 		"  --port-file  write the listening port here once listening\n"
 		"  --stats      print per-connection byte counts at close\n");
 }
@@ -852,6 +904,7 @@ int main(int argc, char **argv)
 		{ "connect", required_argument, NULL, 'c' },
 		{ "delay-ms", required_argument, NULL, 'd' },
 		{ "window", required_argument, NULL, 'w' },
+		{ "rate", required_argument, NULL, 'r' },
 		{ "port-file", required_argument, NULL, 'p' },
 		{ "stats", no_argument, NULL, 's' },
 		{ "help", no_argument, NULL, 'h' },
@@ -866,6 +919,7 @@ int main(int argc, char **argv)
 		.opts = &o,
 		.lock = PTHREAD_MUTEX_INITIALIZER,
 		.idle = PTHREAD_COND_INITIALIZER,
+		.link_lock = PTHREAD_MUTEX_INITIALIZER,
 	};
 	bool have_listen = false, have_connect = false;
 	unsigned port = 0;
@@ -888,6 +942,13 @@ int main(int argc, char **argv)
 		case 'w':
 			r = parse_size(optarg, &o.window);
 			break;
+		case 'r': {
+			size_t rate;
+
+			r = parse_size(optarg, &rate);
+			o.rate = rate;
+			break;
+		}
 		case 'p':
 			o.port_file = optarg;
 			r = 0;
@@ -946,8 +1007,9 @@ int main(int argc, char **argv)
 	}
 	if (o.stats)
 		fprintf(stderr,
-			"relay: listening on port %u, delay %.3f ms, window %zu bytes\n",
-			port, (double)o.delay_ns / (double)NSEC_PER_MSEC, o.window);
+			"relay: listening on port %u, delay %.3f ms, window %zu bytes, "
+			"rate %" PRIu64 " bytes/s\n",
+			port, (double)o.delay_ns / (double)NSEC_PER_MSEC, o.window, o.rate);
 
 	r = relay_serve(&rl, listen_fd, sig_fd);
 	close(listen_fd);
