@@ -56,11 +56,16 @@ GiB = 1 << 30
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# The relays in front of nginx: one-way delay (ms) and window per network.
+# The relays in front of nginx: one-way delay (ms), window per connection,
+# and the rate of a link all connections share (None: no such link).
 # "lan" stands for a 1 Gbit/s LAN (0.5 ms round trip, about 128 MB/s a
-# connection); only section random uses it.
-RELAYS = {"wan": ("10", "6m"), "lan": ("0.25", "64k")}
-NET = {"loopback": "loopback", "wan": "20 ms RTT", "lan": "LAN-like: 0.5 ms RTT, 64 KiB window"}
+# connection); only section random uses it.  "link" is a 20 ms round trip
+# over a 25 MiB/s (about 200 Mbit/s) link that a stream's transfers and a
+# VM's reads share, as they would over a real WAN; only section demand
+# uses it.
+RELAYS = {"wan": ("10", "6m", None), "lan": ("0.25", "64k", None), "link": ("10", "1m", "25m")}
+NET = {"loopback": "loopback", "wan": "20 ms RTT", "lan": "LAN-like: 0.5 ms RTT, 64 KiB window",
+       "link": "20 ms RTT over a shared 25 MiB/s link"}
 
 SECTIONS = ["stream", "warm", "cold", "partial", "random", "ttfb", "demand", "seq", "huge",
             "coldrss", "sweep", "chunklat"]
@@ -449,16 +454,17 @@ class Bench:
         self.nginx = p
         self.port = {"loopback": port}
         log("nginx on 127.0.0.1:%d (pid %d)" % (port, p.pid))
-        for net, (delay_ms, window) in RELAYS.items():
-            self.start_relay(net, delay_ms, window)
+        for net, (delay_ms, window, rate) in RELAYS.items():
+            self.start_relay(net, delay_ms, window, rate)
         self.warm_templates()
 
-    def start_relay(self, net, delay_ms, window):
+    def start_relay(self, net, delay_ms, window, rate):
         """bench/relay in front of nginx, as network `net`."""
         pf = os.path.join(self.tmp, "relay-%s.port" % net)
         relay = self.spawn([os.path.join(self.bin, "relay"), "--listen", "127.0.0.1:0",
                             "--connect", "127.0.0.1:%d" % self.port["loopback"],
-                            "--delay-ms", delay_ms, "--window", window, "--port-file", pf],
+                            "--delay-ms", delay_ms, "--window", window, "--port-file", pf]
+                           + (["--rate", rate] if rate else []),
                            "relay", stderr=open(os.path.join(self.tmp, "relay-%s.log" % net), "w"))
         end = time.monotonic() + 10
         while not (os.path.exists(pf) and open(pf).read().strip()):
@@ -467,8 +473,9 @@ class Bench:
             time.sleep(0.05)
         self.port[net] = int(open(pf).read())
         wait_port(self.port[net], relay)
-        log("relay %s (%s ms each way, %s window) on 127.0.0.1:%d (pid %d)"
-            % (NET[net], delay_ms, window, self.port[net], relay.pid))
+        log("relay %s (%s ms each way, %s window%s) on 127.0.0.1:%d (pid %d)"
+            % (NET[net], delay_ms, window, ", %s/s shared" % rate if rate else "",
+               self.port[net], relay.pid))
 
     def warm_templates(self):
         for v in self.tpl.values():
@@ -900,13 +907,14 @@ class Bench:
 
     # --------------------------------------------------------------- (7)
     def sec_demand(self):
-        """Cold reads of disk vm while vm streams (the target), and cold reads
-        of disk vm2 (the same template) while vm, another disk of the same
-        mount, streams."""
+        """Cold reads of disk vm while vm streams (the target; also over the
+        shared link, where the stream's transfers and the reads compete for
+        one link's bandwidth), and cold reads of disk vm2 (the same
+        template) while vm, another disk of the same mount, streams."""
         chunk = size_bytes(self.chunk)
         n = 30 if self.quick else 50
         res, other = {}, {}
-        for net in ("loopback", "wan"):
+        for net in ("loopback", "wan", "link"):
             res[net] = [self.demand_once(net, chunk, n, i, False) for i in range(self.runs)]
         for net in ("loopback", "wan"):
             other[net] = [self.demand_once(net, chunk, n, i, True) for i in range(self.runs)]
@@ -1395,7 +1403,9 @@ def render_markdown(R, pngs):
             for v in tp.values()) + ". Servers: nginx on 127.0.0.1 (sendfile), and the same "
             "nginx behind `bench/relay` at 20 ms round trip (10 ms each way, 6 MiB window) — "
             "\"WAN\" below — and, for (3) only, at 0.5 ms round trip (0.25 ms each way, "
-            "64 KiB window: about 128 MB/s a connection, like a 1 Gbit/s LAN). "
+            "64 KiB window: about 128 MB/s a connection, like a 1 Gbit/s LAN), and, for (7) "
+            "only, at 20 ms round trip with a 1 MiB window over one 25 MiB/s link that all "
+            "connections share in fair turns (`--rate 25m`). "
             "streamfs mounted with chunk %s, connections=%d%s.\n"
             % (R.get("chunk", DEFAULT_CHUNK), R.get("conns", DEFAULT_CONNS),
                " (the binary's defaults)" if R.get("defaults", True) else ""))
