@@ -92,9 +92,56 @@ bool disk_name_valid(const char *name)
 	return true;
 }
 
+/*
+ * Where the authority of url (which starts at auth) ends its userinfo: the
+ * '@' to skip, or NULL when it has none.  The authority ends at the first
+ * '/', so the last '@' before it ends the userinfo and an unencoded '?',
+ * '#' or '@' in a password lets none of it through.  An unencoded '/' in
+ * a password ends the authority early, at "user:pa"; whose port then is
+ * no number.  Such an authority counts as userinfo up to the last '@'
+ * before the query, so no part of the password shows.  (An '@' in the
+ * path of a plain "host[:port]/..." is not userinfo.)
+ */
+static const char *userinfo_at(const char *auth)
+{
+	const char *auth_end = auth + strcspn(auth, "/");
+	const char *at = NULL, *colon;
+
+	for (const char *p = auth; p < auth_end; p++)
+		if (*p == '@')
+			at = p;
+	if (at)
+		return at;
+	colon = auth;
+	if (*colon == '[') /* an IPv6 literal's colons are not a port's */
+		colon += strcspn(colon, "]/");
+	colon += strcspn(colon, ":/");
+	if (colon >= auth_end || *colon != ':')
+		return NULL;
+	for (const char *p = colon + 1; p < auth_end; p++) {
+		if (!isdigit((unsigned char)*p)) {
+			const char *q = auth + strcspn(auth, "?#");
+
+			for (p = auth_end; p < q; p++)
+				if (*p == '@')
+					at = p;
+			return at;
+		}
+	}
+	return NULL;
+}
+
+void disk_name_quote(char *buf, size_t size, const char *name)
+{
+	if (strstr(name, "://") || strchr(name, '@'))
+		snprintf(buf, size, "(a URL? not shown; the name comes before the URL)");
+	else
+		snprintf(buf, size, "'%.64s%s'", name, strlen(name) > 64 ? "..." : "");
+}
+
 char *url_redact(const char *url)
 {
-	const char *scheme_end, *auth, *auth_end, *at, *host, *cut;
+	const char *scheme_end, *auth, *at, *host, *cut;
 	size_t len, prefix, keep;
 	char *out;
 
@@ -104,14 +151,7 @@ char *url_redact(const char *url)
 	}
 	scheme_end = strstr(url, "://");
 	auth = scheme_end ? scheme_end + 3 : url;
-	/* The authority ends at the first '/': an unencoded '?', '#' or '@'
-	 * in a password must not let any of it through, so the last '@'
-	 * before that '/' ends the userinfo. */
-	auth_end = auth + strcspn(auth, "/");
-	at = NULL;
-	for (const char *p = auth; p < auth_end; p++)
-		if (*p == '@')
-			at = p;
+	at = userinfo_at(auth);
 	host = at ? at + 1 : auth;
 	cut = host + strcspn(host, "?#");
 	len = strlen(url) + sizeof("?<redacted>");
@@ -128,6 +168,57 @@ char *url_redact(const char *url)
 	if (*cut == '?')
 		memcpy(out + prefix + keep, "?<redacted>", sizeof("?<redacted>"));
 	return out;
+}
+
+/*
+ * Replaces each copy of [s, s + n) in msg with "<redacted>", within size
+ * bytes; what no longer fits is cut from the end.
+ */
+static void redact_span(char *msg, size_t size, const char *s, size_t n)
+{
+	static const char mark[] = "<redacted>";
+	const size_t m = sizeof(mark) - 1;
+	char *from = msg, *hit;
+
+	while ((hit = memmem(from, strlen(from), s, n))) {
+		size_t at = (size_t)(hit - msg);
+		size_t tail = strlen(hit + n);
+
+		if (at + m >= size) { /* not even the mark fits */
+			*hit = '\0';
+			return;
+		}
+		if (at + m + tail >= size)
+			tail = size - 1 - at - m;
+		memmove(hit + m, hit + n, tail);
+		memcpy(hit, mark, m);
+		hit[m + tail] = '\0';
+		from = hit + m; /* the mark itself may hold a piece */
+	}
+}
+
+void url_scrub(char *msg, size_t size, const char *url)
+{
+	const char *scheme_end, *auth, *at;
+
+	if (!msg || !size || !url)
+		return;
+	scheme_end = strstr(url, "://");
+	auth = scheme_end ? scheme_end + 3 : url;
+	at = userinfo_at(auth);
+	if (!at || at == auth)
+		return;
+	redact_span(msg, size, auth, (size_t)(at - auth));
+	/* Pieces of it too, such as a password quoted on its own. */
+	for (const char *p = auth; p < at;) {
+		size_t n = strcspn(p, ":/@");
+
+		if (p + n > at)
+			n = (size_t)(at - p);
+		if (n >= 3)
+			redact_span(msg, size, p, n);
+		p += n + 1;
+	}
 }
 
 const char *format_bytes(char *buf, size_t bufsize, double bytes)

@@ -312,9 +312,12 @@ static int cmd_add(int argc, char **argv)
 	}
 	const char *dir = argv[optind], *name = argv[optind + 1], *url = argv[optind + 2];
 	if (!disk_name_valid(name)) {
-		ctl_error("add: bad disk name '%s': use 1 to %d characters from A-Z a-z 0-9 . _ -, "
+		char shown[96];
+
+		disk_name_quote(shown, sizeof(shown), name);
+		ctl_error("add: bad disk name %s: use 1 to %d characters from A-Z a-z 0-9 . _ -, "
 			  "not starting with '.'",
-			  name, DISK_NAME_MAX);
+			  shown, DISK_NAME_MAX);
 		return CTL_EXIT_USAGE;
 	}
 	char why[1024];

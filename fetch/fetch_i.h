@@ -73,7 +73,11 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 		   const char *last_modified, uint64_t size, void *buf, size_t len, uint64_t off,
 		   const struct fetch_req *rq, long timeout_ms, struct http_reply *ret);
 
-/* Maps a CURLcode to -errno and a user-facing reason (no URL in it). */
-int http_curl_error(CURLcode rc, const char *errbuf, char *why, size_t why_size);
+/*
+ * Maps a CURLcode to -errno and a user-facing reason.  curl's own text may
+ * quote the URL or the proxy given to it: their userinfo is scrubbed.
+ */
+int http_curl_error(const struct fetch_pool *p, const char *url, CURLcode rc,
+		    const char *errbuf, char *why, size_t why_size);
 
 #endif

@@ -190,11 +190,14 @@ static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
 	return len;
 }
 
-int http_curl_error(CURLcode rc, const char *errbuf, char *why, size_t why_size)
+int http_curl_error(const struct fetch_pool *p, const char *url, CURLcode rc,
+		    const char *errbuf, char *why, size_t why_size)
 {
 	const char *detail = errbuf && errbuf[0] ? errbuf : curl_easy_strerror(rc);
 
 	snprintf(why, why_size, "%s", detail);
+	url_scrub(why, why_size, url);
+	url_scrub(why, why_size, p->opts.proxy);
 	switch (rc) {
 	case CURLE_OPERATION_TIMEDOUT:
 		return -ETIMEDOUT;
@@ -345,7 +348,7 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 		return -ETIMEDOUT;
 	}
 	if (rc != CURLE_OK)
-		return http_curl_error(rc, errbuf, ret->why, sizeof(ret->why));
+		return http_curl_error(p, url, rc, errbuf, ret->why, sizeof(ret->why));
 	r = check_headers(ret, off, len, size, etag, last_modified, ret->why, sizeof(ret->why));
 	if (r < 0)
 		return r;

@@ -441,7 +441,7 @@ int fetch_document(struct fetch_pool *p, const char *url, size_t max_bytes, char
 			r = -EFBIG;
 		} else if (rc != CURLE_OK) {
 			char reason[200];
-			r = http_curl_error(rc, errbuf, reason, sizeof(reason));
+			r = http_curl_error(p, url, rc, errbuf, reason, sizeof(reason));
 			snprintf(why, why_size, "cannot fetch %s: %s", shown, reason);
 		} else if (status != 200) {
 			snprintf(why, why_size, "cannot fetch %s: HTTP %ld", shown, status);

@@ -77,9 +77,12 @@ int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
 	int r;
 
 	if (!disk_name_valid(p->name)) {
+		char shown[96];
+
+		disk_name_quote(shown, sizeof(shown), p->name);
 		snprintf(why, why_size,
-			 "bad disk name '%.64s%s': use 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
-			 p->name, strlen(p->name) > 64 ? "..." : "");
+			 "bad disk name %s: use 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
+			 shown);
 		return -EINVAL;
 	}
 	if (cs < CACHE_CHUNK_MIN || cs > CACHE_CHUNK_MAX || (cs & (cs - 1))) {

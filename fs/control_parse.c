@@ -109,9 +109,12 @@ int control_parse(const char *buf, size_t len, struct control_cmd *ret, char *wh
 
 	struct control_cmd c = {.verb = verbs[v].verb};
 	if (nargs >= 1) {
-		if (!disk_name_valid(tok[1]))
-			return fail(why, why_size, "%s: bad disk name '%.64s'", verbs[v].word,
-				    tok[1]);
+		if (!disk_name_valid(tok[1])) {
+			char shown[96];
+
+			disk_name_quote(shown, sizeof(shown), tok[1]);
+			return fail(why, why_size, "%s: bad disk name %s", verbs[v].word, shown);
+		}
 		snprintf(c.name, sizeof(c.name), "%s", tok[1]);
 	}
 	int r;

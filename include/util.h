@@ -34,11 +34,26 @@ int parse_u64(const char *s, uint64_t *ret) __attribute__((warn_unused_result));
 bool disk_name_valid(const char *name);
 
 /*
+ * Writes a bad disk name as an error message shows it: quoted, cut at 64
+ * bytes, or, when it looks like a URL (arguments swapped), not at all,
+ * since a URL may carry a credential.
+ */
+void disk_name_quote(char *buf, size_t size, const char *name);
+
+/*
  * Returns a copy of url fit to show to users: userinfo ("user:pass@")
  * removed and any query string replaced by "?<redacted>", since both may
  * carry credentials.  Caller frees.  NULL with errno=ENOMEM on failure.
  */
 char *url_redact(const char *url);
+
+/*
+ * Replaces in msg (a NUL-terminated string in a buffer of size bytes)
+ * every copy of url's userinfo, and of each of its ':'- or '/'-separated
+ * pieces of 3 bytes or more, with "<redacted>": for text from libraries
+ * (curl's error messages) that may quote a URL given to them.
+ */
+void url_scrub(char *msg, size_t size, const char *url);
 
 /*
  * Writes the value of an HTTP Range header for [off, off+len) into buf:

@@ -300,6 +300,9 @@ static void test_control_parse__rejects(void **state)
 		{"chunk .d 0\n", 0, "bad disk name", NULL},
 		{"verify a*b\n", 0, "bad disk name", NULL},
 		{"map .d\n", 0, "bad disk name", NULL},
+		/* arguments swapped: a URL, which may hold a credential, is not shown */
+		{"add https://u:tok@h/x d\n", 0, "bad disk name", "not shown"},
+		{"start http://h/x\n", 0, "bad disk name", "not shown"},
 		/* numbers */
 		{"speed d fast\n", 0, "bad rate", "fast"},
 		{"speed d -1\n", 0, "bad rate", NULL},

@@ -270,6 +270,14 @@ static void test_parse__url_redact(void **state)
 		{"http://host/p?q=a@b", "http://host/p?<redacted>"},
 		/* an unencoded '@' in the password: the last one ends userinfo */
 		{"http://u:p@ss@host/x", "http://host/x"},
+		/* an unencoded '/' in the password ends the authority at a port
+		 * that is no number: none of the password may show */
+		{"https://u:ab/cd@host/x", "https://host/x"},
+		{"https://u:ab/c@d@host/x?t=1", "https://host/x?<redacted>"},
+		{"https://u:a/b#c@host/x", "https://u:a/b"},
+		{"http://host:8080/a@b", "http://host:8080/a@b"},
+		{"http://[::1]:8080/a@b", "http://[::1]:8080/a@b"},
+		{"http://[::1]/a@b", "http://[::1]/a@b"},
 		{"file:///var/lib/img/a.raw", "file:///var/lib/img/a.raw"},
 		{"host/path", "host/path"},
 		{"u:p@host/path", "host/path"},
@@ -293,6 +301,52 @@ static void test_parse__url_redact_question_mark_in_fragment(void **state)
 
 	(void)state;
 	check_redact_rows(rows, N_ELEMENTS(rows));
+}
+
+/* curl's error text quoting a URL or proxy loses its userinfo. */
+static void test_parse__url_scrub(void **state)
+{
+	static const struct {
+		const char *msg, *url, *want;
+	} rows[] = {
+		{"Unsupported proxy scheme for 'htpp://alice:pw@px:3128'", "htpp://alice:pw@px:3128",
+		 "Unsupported proxy scheme for 'htpp://<redacted>@px:3128'"},
+		{"Could not resolve host: abc", "https://abc:xyz/def@host/x",
+		 "Could not resolve host: <redacted>"},
+		{"secret s3cr3t here", "http://u:s3cr3t@h/", "secret <redacted> here"},
+		/* a piece that the mark itself holds does not loop */
+		{"act act", "http://u:act@h/", "<redacted> <redacted>"},
+		{"no credential", "http://host/x", "no credential"},
+		{"Could not resolve proxy: px", NULL, "Could not resolve proxy: px"},
+	};
+	int bad = 0;
+
+	(void)state;
+	for (size_t i = 0; i < N_ELEMENTS(rows); i++) {
+		char msg[128];
+
+		snprintf(msg, sizeof(msg), "%s", rows[i].msg);
+		url_scrub(msg, sizeof(msg), rows[i].url);
+		EXPECT(bad, strcmp(msg, rows[i].want) == 0, "url_scrub(\"%s\", \"%s\") = \"%s\", want \"%s\"",
+		       rows[i].msg, rows[i].url ? rows[i].url : "(null)", msg, rows[i].want);
+	}
+	assert_int_equal(bad, 0);
+}
+
+/* A mark that does not fit is cut, never leaving the secret. */
+static void test_parse__url_scrub_small_buffer(void **state)
+{
+	char msg[16] = "xx pw0123 yy";
+
+	(void)state;
+	url_scrub(msg, sizeof(msg), "http://u:pw0123@h/");
+	assert_string_equal(msg, "xx <redacted> y");
+	snprintf(msg, sizeof(msg), "%s", "xxxxxx pw0123");
+	url_scrub(msg, sizeof(msg), "http://u:pw0123@h/");
+	assert_string_equal(msg, "xxxxxx ");
+	snprintf(msg, sizeof(msg), "%s", "1234567890123pw");
+	url_scrub(msg, sizeof(msg), "http://u:3pw@h/");
+	assert_string_equal(msg, "123456789012");
 }
 
 static void test_parse__url_redact_null(void **state)
@@ -703,6 +757,8 @@ int main(void)
 		cmocka_unit_test(test_parse__url_redact),
 		cmocka_unit_test(test_parse__url_redact_question_mark_in_fragment),
 		cmocka_unit_test(test_parse__url_redact_null),
+		cmocka_unit_test(test_parse__url_scrub),
+		cmocka_unit_test(test_parse__url_scrub_small_buffer),
 		cmocka_unit_test(test_parse__buf_is_zero),
 		cmocka_unit_test(test_parse__format_bytes),
 		cmocka_unit_test(test_parse__format_bytes_small_buffer),
