@@ -410,7 +410,11 @@ int cache_disk_stream_set_speed(struct cache_disk *d, uint64_t speed)
 {
 	int r = 0;
 
-	ratelimit_set(&d->st.rl, speed, now_ns());
+	if (speed > RATE_MAX)
+		return -ERANGE;
+	/* The limit takes effect only once it is saved: a failed save
+	 * (ENOSPC) changes nothing.  Under commit_lock, so that two changes
+	 * apply in the order they are saved. */
 	pthread_mutex_lock(&d->commit_lock);
 	if (d->meta.speed != speed) {
 		uint64_t old = d->meta.speed;
@@ -419,6 +423,8 @@ int cache_disk_stream_set_speed(struct cache_disk *d, uint64_t speed)
 		if (r < 0)
 			d->meta.speed = old;
 	}
+	if (r == 0)
+		ratelimit_set(&d->st.rl, speed, now_ns());
 	pthread_mutex_unlock(&d->commit_lock);
 	pthread_mutex_lock(&d->st.lock);
 	pthread_cond_broadcast(&d->st.cond);

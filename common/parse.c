@@ -32,6 +32,19 @@ int parse_u64(const char *s, uint64_t *ret)
 	return 0;
 }
 
+int parse_rate(const char *s, uint64_t *ret)
+{
+	uint64_t v;
+	int r = parse_size(s, &v);
+
+	if (r < 0)
+		return r;
+	if (v > RATE_MAX)
+		return -ERANGE;
+	*ret = v;
+	return 0;
+}
+
 int parse_size(const char *s, uint64_t *ret)
 {
 	char digits[32];

@@ -145,7 +145,7 @@ int ctl_cmd_speed(int argc, char **argv)
 	if (!args_ok("speed", argc, 2, "<path> <rate>"))
 		return CTL_EXIT_USAGE;
 	const char *text = argv[optind + 1];
-	r = parse_size(text, &rate);
+	r = parse_rate(text, &rate);
 	if (r < 0) {
 		ctl_error("speed: bad rate '%s': %s", text,
 			  r == -ERANGE ? "too large"

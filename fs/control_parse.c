@@ -150,9 +150,10 @@ int control_parse(const char *buf, size_t len, struct control_cmd *ret, char *wh
 		}
 		break;
 	case CONTROL_SPEED:
-		r = parse_size(tok[2], &c.number);
+		r = parse_rate(tok[2], &c.number);
 		if (r < 0)
-			return fail(why, why_size, "speed: bad rate '%.64s'", tok[2]);
+			return fail(why, why_size, "speed: bad rate '%.64s'%s", tok[2],
+				    r == -ERANGE ? " (too large)" : "");
 		break;
 	case CONTROL_CHUNK:
 		r = parse_size(tok[2], &c.number);

@@ -165,7 +165,7 @@ static int opts_check(struct mount_ctx *m)
 		return -1;
 	}
 	m->auto_stream = !o->stream || !strcmp(o->stream, "auto");
-	if (o->speed && parse_size(o->speed, &m->speed) < 0) {
+	if (o->speed && parse_rate(o->speed, &m->speed) < 0) {
 		fprintf(stderr, "streamfs: bad option speed=%s: use bytes/s such as 10M, 0 = none\n",
 			o->speed);
 		return -1;

@@ -103,7 +103,7 @@ int fs_setxattr(const char *path, const char *name, const char *value, size_t si
 		return -EINVAL;
 	memcpy(buf, value, size);
 	buf[size] = '\0';
-	if (parse_size(buf, &rate) < 0)
+	if (parse_rate(buf, &rate) < 0)
 		return -EINVAL;
 	return cache_disk_stream_set_speed(md->disk, rate);
 }

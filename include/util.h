@@ -24,6 +24,12 @@
  */
 int parse_size(const char *s, uint64_t *ret) __attribute__((warn_unused_result));
 
+/* The largest speed limit, bytes/s: what curl's rate cap can hold. */
+#define RATE_MAX ((uint64_t)INT64_MAX)
+
+/* Parses a speed limit as parse_size; -ERANGE above RATE_MAX. */
+int parse_rate(const char *s, uint64_t *ret) __attribute__((warn_unused_result));
+
 /* Parses a plain unsigned decimal number (no suffix); as parse_size. */
 int parse_u64(const char *s, uint64_t *ret) __attribute__((warn_unused_result));
 

@@ -121,7 +121,7 @@ static void test_control_parse__valid(void **state)
 		{"speed d 1500\n", CONTROL_SPEED, "d", "", "", 1500, 0},
 		{"speed d 10M\n", CONTROL_SPEED, "d", "", "", 10 * MIB, 0},
 		{"speed d 1g\n", CONTROL_SPEED, "d", "", "", 1024 * MIB, 0},
-		{"speed d 18446744073709551615\n", CONTROL_SPEED, "d", "", "", UINT64_MAX, 0},
+		{"speed d 9223372036854775807\n", CONTROL_SPEED, "d", "", "", INT64_MAX, 0},
 		{"chunk d 0\n", CONTROL_CHUNK, "d", "", "", 0, 0},
 		{"chunk d 1048576\n", CONTROL_CHUNK, "d", "", "", MIB, 0},
 		{"chunk d 18446744073709551615\n", CONTROL_CHUNK, "d", "", "", UINT64_MAX, 0},
@@ -310,6 +310,9 @@ static void test_control_parse__rejects(void **state)
 		{"speed d 10Q\n", 0, "bad rate", NULL},
 		{"speed d 18446744073709551616\n", 0, "bad rate", NULL},
 		{"speed d 17179869184G\n", 0, "bad rate", NULL},
+		/* more than curl's rate cap can hold */
+		{"speed d 9223372036854775808\n", 0, "bad rate", "too large"},
+		{"speed d 8388608T\n", 0, "bad rate", NULL},
 		{"chunk d x\n", 0, "bad offset", "x"},
 		{"chunk d -5\n", 0, "bad offset", NULL},
 		{"chunk d 0x10\n", 0, "bad offset", NULL},

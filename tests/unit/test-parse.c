@@ -171,6 +171,22 @@ static void test_parse__size_leading_zeros(void **state)
 	check_num_rows("parse_size", parse_size, rows, N_ELEMENTS(rows));
 }
 
+/* A speed limit must fit curl's signed rate cap. */
+static void test_parse__rate(void **state)
+{
+	static const struct num_row rows[] = {
+		{"0", 0, 0},
+		{"10M", 0, 10u << 20},
+		{"9223372036854775807", 0, INT64_MAX},
+		{"9223372036854775808", -ERANGE, 0},
+		{"8388608T", -ERANGE, 0},
+		{"fast", -EINVAL, 0},
+	};
+
+	(void)state;
+	check_num_rows("parse_rate", parse_rate, rows, N_ELEMENTS(rows));
+}
+
 /* --- disk_name_valid --- */
 
 static void test_parse__disk_name(void **state)
@@ -758,6 +774,7 @@ int main(void)
 		cmocka_unit_test(test_parse__url_redact_question_mark_in_fragment),
 		cmocka_unit_test(test_parse__url_redact_null),
 		cmocka_unit_test(test_parse__url_scrub),
+		cmocka_unit_test(test_parse__rate),
 		cmocka_unit_test(test_parse__url_scrub_small_buffer),
 		cmocka_unit_test(test_parse__buf_is_zero),
 		cmocka_unit_test(test_parse__format_bytes),
