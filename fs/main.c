@@ -149,6 +149,44 @@ static void opts_free(struct mount_opts *o)
 	}
 }
 
+/*
+ * Makes the file options absolute.  The daemon changes to "/" when it
+ * goes to the background, and these files are opened again later (curl
+ * loads certificates per connection; header_file is re-read when it
+ * changes), so a relative path would stop working after the mount.
+ */
+static int opts_abs_paths(struct mount_opts *o)
+{
+	struct {
+		const char *name;
+		char **path;
+	} files[] = {
+		{"cafile", &o->cafile}, {"capath", &o->capath}, {"cert", &o->cert},
+		{"key", &o->key}, {"header_file", &o->header_file},
+		{"aws_credentials", &o->aws_credentials},
+	};
+	_cleanup_free_ char *cwd = NULL;
+
+	for (size_t i = 0; i < ARRAY_SIZE(files); i++) {
+		char *path = *files[i].path, *abs;
+
+		if (!path || !path[0] || path[0] == '/')
+			continue;
+		if (!cwd && !(cwd = getcwd(NULL, 0))) {
+			fprintf(stderr, "streamfs: cannot resolve %s=%s: %s\n", files[i].name, path,
+				strerror(errno));
+			return -1;
+		}
+		if (asprintf(&abs, "%s/%s", cwd, path) < 0) {
+			fprintf(stderr, "streamfs: out of memory\n");
+			return -1;
+		}
+		free(path);
+		*files[i].path = abs;
+	}
+	return 0;
+}
+
 /* Checks option values; prints one line and returns -1 on a bad one. */
 static int opts_check(struct mount_ctx *m)
 {
@@ -213,7 +251,7 @@ static int opts_check(struct mount_ctx *m)
 	}
 	if (o->debug && !o->debug_subsys)
 		(void)log_parse_debug("all");
-	return 0;
+	return opts_abs_paths(o);
 }
 
 static void fuse_log_to_ours(enum fuse_log_level level, const char *fmt, va_list ap)

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -478,6 +479,66 @@ def test_header_file_and_rotation():
             expect_cmp(d, t)
         check_no_secret([("daemon stderr", m.stderr())],
                         [TOKEN, "r0tated-t0ken-1", "r0tated-t0ken-2"])
+
+
+def daemon_pids(mnt):
+    """PIDs of streamfs daemons whose command line names mnt."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if mnt.encode() in argv and os.path.basename(argv[0]) == b"streamfs":
+                pids.append(int(pid))
+    return pids
+
+
+def test_relative_header_file_after_daemonizing():
+    """Without -f the daemon changes to "/" once it is mounted: a
+    header_file named relative to where streamfs was started must still
+    be re-read there when the token rotates."""
+    t = template("bg.img", 8 * MiB)
+    hdir = ws().mkdir("hdr", unique=True)
+    hf = write_private(os.path.join(hdir, "headers"), f"Authorization: Bearer {TOKEN}\n")
+    img, mnt = image_dir(), ws().mkdir("mnt-bg", unique=True)
+    out = os.path.join(ws().root, "streamfs-bg.out")
+
+    def unmount():
+        pids = daemon_pids(mnt)
+        if h.is_mounted(mnt):
+            h.run(["fusermount3", "-u", "-z", mnt], timeout=30)
+        end = time.monotonic() + 30
+        for pid in pids:
+            while time.monotonic() < end and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.05)
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+
+    with TokenNginx(ws(), TOKEN).start() as ng:
+        with open(out, "wb") as f:
+            p = subprocess.run([h.STREAMFS, "-o", "stream=manual,readahead=0,timeout=5,"
+                                "header_file=headers", img, mnt], cwd=hdir,
+                               stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60)
+        cleanup = h.defer(unmount, "daemonized streamfs")
+        if p.returncode != 0 or not h.is_mounted(mnt, "fuse"):
+            fail(f"streamfs without -f exited {p.returncode}, mounted: "
+                 f"{h.is_mounted(mnt)}\n{open(out, errors='replace').read()}")
+        m = type("M", (), {"mnt": mnt, "image_dir": img})
+        add_ok(m, "bg", ng.url(t.name))
+        d = os.path.join(mnt, "bg")
+        if h.pread_all(d, 0, 100 * KiB) != t.read(0, 100 * KiB):
+            fail("data read with the header_file token differ")
+        settle(d)
+        ng.rotate(t.name, "r0tated-t0ken-3")
+        write_private(hf, "Authorization: Bearer r0tated-t0ken-3\n")
+        cold_read_after_rotation(ng, t, d, 4 * MiB, 2 * CHUNK, "daemonized, relative path")
+        h.cancel(cleanup)
+        unmount()
+        if h.is_mounted(mnt) or daemon_pids(mnt):
+            fail("the daemonized streamfs did not stop after fusermount3 -u")
 
 
 def test_header_file_must_be_private():
