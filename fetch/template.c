@@ -103,24 +103,42 @@ static int file_open(const char *path, struct stat *st, char *why, size_t why_si
 	return fd;
 }
 
+/* Whether st no longer matches the template file recorded at add. */
+static bool file_changed(const struct fetch_template *t, const struct stat *st, char *why,
+			 size_t why_size)
+{
+	char v[128];
+
+	file_validator(st, v, sizeof(v));
+	if ((uint64_t)st->st_size == t->size && !strcmp(v, t->etag))
+		return false;
+	snprintf(why, why_size, "template file %s changed since the disk was added", t->path);
+	return true;
+}
+
 static int file_read(struct fetch_template *t, void *buf, size_t len, uint64_t off, char *why,
 		     size_t why_size)
 {
 	struct stat st;
-	char v[128];
 	_cleanup_close_ int fd = file_open(t->path, &st, why, why_size);
 
 	if (fd < 0)
 		return fd == -ENOENT ? -ENOENT : fd;
-	file_validator(&st, v, sizeof(v));
-	if ((uint64_t)st.st_size != t->size || strcmp(v, t->etag)) {
-		snprintf(why, why_size, "template file %s changed since the disk was added", t->path);
+	if (file_changed(t, &st, why, why_size))
 		return -ESTALE;
-	}
 	int r = full_pread(fd, buf, len, off);
-	if (r < 0)
+	if (r < 0) {
 		snprintf(why, why_size, "cannot read %s: %s", t->path, strerror(-r));
-	return r;
+		return r;
+	}
+	/* A write between the check and the read may have mixed new bytes
+	 * in: check again, after the read. */
+	if (fstat(fd, &st) < 0) {
+		r = -errno;
+		snprintf(why, why_size, "cannot stat %s: %s", t->path, strerror(-r));
+		return r;
+	}
+	return file_changed(t, &st, why, why_size) ? -ESTALE : 0;
 }
 
 struct fetch_template *fetch_template_new(struct fetch_pool *p, const char *url, const char *etag,
