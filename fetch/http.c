@@ -123,6 +123,24 @@ static size_t header_cb(char *data, size_t size, size_t n, void *opaque)
 	return len;
 }
 
+/* -ESTALE with why filled if the reply's validator is not the one recorded. */
+static int check_validator(const struct http_reply *r, const char *etag,
+			   const char *last_modified, char *why, size_t why_size)
+{
+	if (etag && *etag && r->etag[0] && strcmp(etag, r->etag)) {
+		snprintf(why, why_size, "template changed (ETag %.200s, expected %.200s)", r->etag,
+			 etag);
+		return -ESTALE;
+	}
+	if ((!etag || !*etag) && last_modified && *last_modified && r->last_modified[0] &&
+	    strcmp(last_modified, r->last_modified)) {
+		snprintf(why, why_size, "template changed (Last-Modified %s, expected %s)",
+			 r->last_modified, last_modified);
+		return -ESTALE;
+	}
+	return 0;
+}
+
 /*
  * Checks what a 206 reply's headers say against the request: exactly the
  * range asked for, of a template of the expected size and validator.
@@ -142,18 +160,7 @@ static int check_headers(const struct http_reply *r, uint64_t off, size_t len, u
 			 r->cr_total);
 		return -ESTALE;
 	}
-	if (etag && *etag && r->etag[0] && strcmp(etag, r->etag)) {
-		snprintf(why, why_size, "template changed (ETag %.200s, expected %.200s)", r->etag,
-			 etag);
-		return -ESTALE;
-	}
-	if ((!etag || !*etag) && last_modified && *last_modified && r->last_modified[0] &&
-	    strcmp(last_modified, r->last_modified)) {
-		snprintf(why, why_size, "template changed (Last-Modified %s, expected %s)",
-			 r->last_modified, last_modified);
-		return -ESTALE;
-	}
-	return 0;
+	return check_validator(r, etag, last_modified, why, why_size);
 }
 
 static size_t write_cb(char *data, size_t size, size_t n, void *opaque)
@@ -230,12 +237,17 @@ int http_curl_error(const struct fetch_pool *p, const char *url, CURLcode rc,
 }
 
 /* Maps a non-206 status to -errno and a reason. */
-static int http_status_error(long status, const struct http_reply *r, uint64_t size, char *why,
+static int http_status_error(long status, const struct http_reply *r, uint64_t size,
+			     const char *etag, const char *last_modified, char *why,
 			     size_t why_size)
 {
 	snprintf(why, why_size, "HTTP %ld", status);
 	switch (status) {
 	case 200:
+		/* A whole new template (a cache that ignores If-Match) is a
+		 * change, not a server that cannot do ranges. */
+		if (check_validator(r, etag, last_modified, why, why_size) < 0)
+			return -ESTALE;
 		snprintf(why, why_size, "server ignored the range request (HTTP 200)");
 		return -EPROTO;
 	case 301:
@@ -337,7 +349,8 @@ int http_range_get(struct fetch_pool *p, CURL *h, const char *url, const char *e
 		return -EINTR;
 	}
 	if (ret->status && ret->status != 206)
-		return http_status_error(ret->status, ret, size, ret->why, sizeof(ret->why));
+		return http_status_error(ret->status, ret, size, etag, last_modified, ret->why,
+					 sizeof(ret->why));
 	if (x.overflow) {
 		snprintf(ret->why, sizeof(ret->why), "response body longer than the range asked for");
 		return -EPROTO;

@@ -69,6 +69,10 @@ body fault on HEAD, wrong_range without a Range header): use "method".
     change_etag     the file looks changed: different ETag, Last-Modified one
                     hour later; If-Match/If-Unmodified-Since are checked
                     against the new validators (so old ones get 412)
+    replaced        the file looks changed as with change_etag, and the
+                    answer is 200 with the whole file whatever the request's
+                    Range, If-Match or If-Unmodified-Since (a cache in front
+                    of a replaced template that ignores conditions)
     delay           wait "seconds", then answer normally
 """
 
@@ -94,7 +98,7 @@ CONTROL_PATH = "/_fault"
 CHUNK = 64 * 1024
 CHANGE_NS = 3600 * 10**9  # change_etag moves mtime one hour forward
 FAULTS = {"refuse", "reset_mid_body", "short_body", "stall", "slow", "status",
-          "ignore_range", "wrong_range", "wrong_total", "change_etag", "delay"}
+          "ignore_range", "wrong_range", "wrong_total", "change_etag", "replaced", "delay"}
 INT_FIELDS = {"count", "after_bytes", "status", "shift", "total"}
 NUM_FIELDS = {"seconds", "rate"}
 STR_FIELDS = {"fault", "path", "method"}
@@ -298,17 +302,18 @@ class Handler(BaseHTTPRequestHandler):
         with f:
             st = os.fstat(f.fileno())
             size, mtime_ns = st.st_size, st.st_mtime_ns
-            if fault == "change_etag":
+            if fault in ("change_etag", "replaced"):
                 mtime_ns += CHANGE_NS
             etag = '"%x-%x"' % (size, mtime_ns)
             mtime = mtime_ns // 10**9
             hdrs = {"ETag": etag, "Accept-Ranges": "bytes",
                     "Last-Modified": email.utils.formatdate(mtime, usegmt=True)}
-            if not self.preconditions_hold(etag, mtime):
+            if fault != "replaced" and not self.preconditions_hold(etag, mtime):
                 self.send_small(412, "precondition failed\n", hdrs, head)
                 return
             rng = None
-            if not head and fault != "ignore_range" and self.if_range_holds(etag, mtime):
+            if (not head and fault not in ("ignore_range", "replaced")
+                    and self.if_range_holds(etag, mtime)):
                 rng = parse_range(self.headers.get("Range"), size)
             if rng == UNSATISFIABLE:
                 hdrs["Content-Range"] = "bytes */%d" % size

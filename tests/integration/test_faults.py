@@ -1045,6 +1045,27 @@ def test_change_etag_is_template_change():
     check_image_zero(img, "etag", 2 * CHUNK, t.size - 2 * CHUNK, "change_etag")
 
 
+def test_whole_new_template_in_a_200_is_template_change():
+    """A cache that ignores If-Match and Range answers 200 with a template
+    whose ETag changed: a template change (state error at once), not a
+    server that cannot do ranges (retried until timeout)."""
+    t, srv, img = setup("replaced")
+    with h.Mount(ws(), img, opts=("stream=manual", "timeout=10"), allow=TEMPLATE_CHANGED) as m:
+        p = m.path("replaced")
+        read_ok(m, "replaced", t, 0, 64 * KiB, "read before the template is replaced")
+        srv.set_rules([rule("replaced", t)])
+        elapsed = read_eio(m, "replaced", 3 * MiB, 64 * KiB, "read after the template changed")
+        if elapsed > 5:
+            fail(f"EIO took {elapsed:.1f} s: a changed template is not worth retrying")
+        x = xattrs(p)
+        if x["state"] != "error" or "template changed" not in x["error"]:
+            fail(f"after a 200 with a new ETag: state {x['state']!r}, error {x['error']!r}; "
+                 "expected state error and 'template changed'")
+        h.log(f"replaced: EIO after {elapsed:.2f} s, error {x['error']!r}")
+    check_image_region(img, "replaced", t, 0, CHUNK, "replaced")
+    check_image_zero(img, "replaced", CHUNK, t.size - CHUNK, "replaced")
+
+
 def test_persistent_503_eio_after_timeout():
     t, srv, img = setup("down")
     off, length = 1 * MiB, 64 * KiB
