@@ -854,6 +854,18 @@ def test_credentials_never_shown():
             outputs.append(("refused offline add into a mounted dir", out + err))
             rc, out, err = h.ctl("add", m.mnt, "sp", url + " x")
             outputs.append(("add with a space", out + err))
+            # The name and the URL swapped: the bad "name" is not echoed.
+            rc, out, err = h.ctl("add", m.mnt, url, "swapped")
+            expect_one_line_error("add with the name and URL swapped", rc, err,
+                                  pattern="bad disk name")
+            outputs.append(("add with the name and URL swapped", out + err))
+            e, reply = control_send(m.mnt, f"add {url} swapped\n".encode())
+            outputs.append(("control add with the name and URL swapped", reply))
+            # An unencoded '/' in the password ends the authority early.
+            slash = f"http://carol:{secret}/x@127.0.0.1:{ng.port}/{t.name}"
+            rc, out, err = h.ctl("add", m.mnt, "slash", slash)
+            expect_one_line_error("add with a '/' in the password", rc, err)
+            outputs.append(("add with a '/' in the password", out + err))
         outputs.append(("daemon stderr", m.stderr()))
         for what, text in outputs:
             for s in (secret, token):
