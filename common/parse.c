@@ -99,7 +99,9 @@ bool disk_name_valid(const char *name)
 		return false;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)name[i];
-		if (!isalnum(c) && c != '.' && c != '_' && c != '-')
+		/* ASCII only, whatever the locale (streamfsctl sets one). */
+		bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+		if (!alnum && c != '.' && c != '_' && c != '-')
 			return false;
 	}
 	return true;

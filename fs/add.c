@@ -81,8 +81,8 @@ int fs_disk_add(struct fetch_pool *pool, int dirfd, const char *dir_shown,
 
 		disk_name_quote(shown, sizeof(shown), p->name);
 		snprintf(why, why_size,
-			 "bad disk name %s: use 1-255 of A-Z a-z 0-9 . _ -, not starting with '.'",
-			 shown);
+			 "bad disk name %s: use 1-%d of A-Z a-z 0-9 . _ -, not starting with '.'",
+			 shown, DISK_NAME_MAX);
 		return -EINVAL;
 	}
 	if (cs < CACHE_CHUNK_MIN || cs > CACHE_CHUNK_MAX || (cs & (cs - 1))) {

@@ -13,7 +13,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define DISK_NAME_MAX 255
+/* A disk's longest file in the image directory is ".NAME.meta.tmp", and a
+ * file name has at most 255 bytes (NAME_MAX). */
+#define DISK_NAME_MAX (255 - 10)
 
 /*
  * Parses a byte count: decimal digits, optionally followed by one of
@@ -34,7 +36,7 @@ int parse_rate(const char *s, uint64_t *ret) __attribute__((warn_unused_result))
 int parse_u64(const char *s, uint64_t *ret) __attribute__((warn_unused_result));
 
 /*
- * Checks a disk name: 1..255 bytes of [A-Za-z0-9._-], not starting with
+ * Checks a disk name: 1..DISK_NAME_MAX bytes of [A-Za-z0-9._-], not starting with
  * '.'.  Returns true when valid.
  */
 bool disk_name_valid(const char *name);

@@ -814,6 +814,26 @@ def test_control_file_bad_commands():
 # Credentials
 # ---------------------------------------------------------------------------
 
+def test_longest_disk_name():
+    """A name of DISK_NAME_MAX (245) bytes works end to end; one byte more
+    is refused at once, before any network request, naming the name."""
+    t = template("small.img")
+    img = image_dir()
+    longest = "n" * 245
+    ctl_ok("add", img, longest, file_url(t), "--chunk-size", "64K")
+    rc, out, err = h.ctl("add", img, longest + "x", file_url(t))
+    expect_one_line_error("add of a 246-byte name", rc, err, pattern="bad disk name.*245")
+    with mounted(img) as m:
+        d = m.path(longest)
+        ctl_ok("start", d)
+        ctl_ok("wait", d, "--timeout", 60)
+        if h.sha256_file(d) != t.sha256:
+            fail("the disk with the longest name differs from its template")
+        e, reply = control_send(m.mnt, f"add {longest}x {file_url(t)}\n".encode())
+        if e != errno.EINVAL or "bad disk name" not in reply:
+            fail(f"control add of a 246-byte name: errno {e}, reply {reply!r}")
+
+
 def test_credentials_never_shown():
     t = template("cred.img")
     secret, token = "s3cr3tPassw0rd", "t0kenV4lue"

@@ -383,7 +383,7 @@ static void test_control_parse__overlong(void **state)
 	line[CONTROL_LINE_MAX] = '\n';
 	bad += check_bad(line, CONTROL_LINE_MAX + 1, "too long", NULL);
 
-	/* a 256-byte name */
+	/* a name one byte too long */
 	memset(name, 'n', DISK_NAME_MAX + 1);
 	name[DISK_NAME_MAX + 1] = '\0';
 	static const char *const fmts[] = {"start %s\n", "status %s\n", "add %s http://h/t\n",
