@@ -1087,6 +1087,82 @@ static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uin
 	return d->src.fetch_range(d->src.opaque, buf, head, off, &rest);
 }
 
+/*
+ * Reading through a chunk in flight.  A reader of a chunk that the
+ * streamer has in flight would wait for that whole transfer, and the
+ * transfer shares the link with the stream's others: over a link they all
+ * share (BENCHMARKS.md (7)), a 4 KiB read of such a chunk took 80-110 ms
+ * at p50 and up to 430 ms, against 23 ms for a read of a chunk not in
+ * flight.  A small read within one such chunk fetches its own bytes
+ * instead, with a request of their range, and is answered from it; the
+ * stream's fill goes on and stores the chunk.
+ * - Nothing is stored from the read's request, and nothing is claimed: a
+ *   write waits for the stream's fill, so no write to the chunk can have
+ *   completed.
+ * - One reader of a chunk at a time reads through it; the others wait
+ *   for the fill as before, so reads of a chunk still make one request.
+ * - Not for read-ahead's chunks: they are the ones a sequential reader
+ *   reads next, and it waits for them rather than fetch them twice.
+ * - Not with a manifest, whose check needs the whole chunk.
+ * A failed request leaves the reader to wait for the fill.
+ */
+#define READ_THROUGH_MAX (256u << 10)
+
+/* The stream's claim that the reader of [first, last] may read through,
+ * marked and referenced (until read_through_done), or NULL.  Under lock. */
+static struct inflight *read_through_begin(struct cache_disk *d, uint64_t first, uint64_t last,
+					   const struct deliver *dl)
+{
+	struct inflight *f;
+
+	if (!dl || first != last || dl->len > READ_THROUGH_MAX || d->manifest_fd >= 0 ||
+	    bitmap_get(&d->present, first))
+		return NULL;
+	f = inflight_find_locked(d, first);
+	if (!f || !f->stream || f->through)
+		return NULL;
+	f->through = true;
+	f->refs++;
+	return f;
+}
+
+static void read_through_done(struct cache_disk *d, struct inflight *f)
+{
+	LOCK_GUARD(&d->lock);
+	f->through = false;
+	inflight_unref_locked(f);
+}
+
+/* Fetches the reader's bytes alone and answers it; 1, or -errno. */
+static int read_through(struct cache_disk *d, const struct cache_fetch_hint *hint,
+			struct deliver *dl)
+{
+	struct cache_fetch_hint h = *hint;
+	void *buf = malloc(MAX(dl->len, 1u));
+	int r;
+
+	if (!buf)
+		return -ENOMEM;
+	memset(&h.hooks, 0, sizeof(h.hooks));
+	h.hooks.on_wire = stream_demand_on_wire;
+	h.hooks.on_wire_opaque = d;
+	atomic_fetch_add(&d->waiting, 1);
+	r = d->src.fetch_range(d->src.opaque, buf, dl->len, dl->off, &h);
+	atomic_fetch_sub(&d->waiting, 1);
+	if (r < 0) {
+		free(buf);
+		return r;
+	}
+	clear_transient_error(d);
+	if (dl->answer)
+		dl->answered = dl->answer(dl->answer_opaque, buf, dl->len);
+	if (dl->answered)
+		free(buf);
+	else
+		*dl->out = buf;
+	return 1;
+}
+
 /* A preempted fill's chunks that demand reads wait for, into out. */
 static size_t preempt_waited(struct cache_disk *d, struct inflight **claims, uint64_t a,
 			     uint64_t b, uint64_t *out)
@@ -1257,6 +1333,7 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 	struct inflight *claims[RUN_MAX_BYTES / CACHE_CHUNK_MIN];
 	struct cache_fetch_hint h = *hint;
 	bool demand = h.prio == CACHE_PRIO_DEMAND;
+	bool through = demand; /* read_through() not tried yet */
 	uint64_t deadline = 0;
 	int r;
 
@@ -1280,6 +1357,16 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 		if (d->failed) {
 			pthread_mutex_unlock(&d->lock);
 			return -EIO;
+		}
+		struct inflight *via = through ? read_through_begin(d, first, last, dl) : NULL;
+		if (via) {
+			pthread_mutex_unlock(&d->lock);
+			through = false;
+			r = read_through(d, &h, dl);
+			read_through_done(d, via);
+			if (r > 0)
+				return 1;
+			continue; /* wait for the stream's fill after all */
 		}
 		/* Claim the first run of consecutive absent chunks nobody is
 		 * fetching; remember the first chunk someone else is fetching. */
@@ -1309,6 +1396,7 @@ static int ensure_chunks(struct cache_disk *d, uint64_t first, uint64_t last,
 			if (!claims[n])
 				break;
 			claims[n]->background = !demand;
+			claims[n]->stream = h.prio == CACHE_PRIO_STREAM;
 			if (++n == max_claim)
 				break;
 		}

@@ -805,16 +805,23 @@ def test_a_read_waiting_for_a_failed_stream_fetch_fetches_itself():
     itself within its own timeout."""
     t, srv, img = setup("inherit")
     idx = 3
-    # The stream's three attempts get 503s with Retry-After: 1, so the
-    # fetch fails after 2 s, with no transfer to preempt while the read
-    # waits.  The read's own request gets no fault.
-    srv.set_rules([rule("status", t, count=3, status=503, retry_after=1)])
     allow = [r"HTTP 503|cannot fetch"]
     with h.Mount(ws(), img, opts=("stream=manual",), allow=allow) as m:
+        # The read spans chunk idx and the present chunk after it, so it
+        # waits for the stream's fetch (a small read within the chunk
+        # would read through it with a request of its own).
+        read_ok(m, "inherit", t, (idx + 1) * CHUNK, 4 * KiB, "read of the next chunk")
+        h.wait_until(lambda: xattr(m.path("inherit"), "cached") == str(t.size - 4 * CHUNK), 10,
+                     "the next chunk to be stored")
+        srv.mark()
+        # The stream's three attempts get 503s with Retry-After: 1, so the
+        # fetch fails after 2 s, with no transfer to preempt while the read
+        # waits.  The read's own request gets no fault.
+        srv.set_rules([rule("status", t, count=3, status=503, retry_after=1)])
         stream, replies = chunk_command_in_thread(m, "inherit", idx * CHUNK)
         h.wait_until(lambda: srv.records(f"/{t.name}", settle=0), 5,
                      "the stream's first request")
-        off = idx * CHUNK + 256 * KiB
+        off = (idx + 1) * CHUNK - 32 * KiB
         elapsed = read_ok(m, "inherit", t, off, 64 * KiB,
                           "read of a chunk whose stream fetch fails")
         stream.join(30)
@@ -855,7 +862,9 @@ def test_a_read_does_not_wait_for_a_slow_stream_transfer():
             if xattr(p, "cached") != cached:
                 fail(f"{what}: cached {xattr(p, 'cached')} before the read: the test's "
                      "timing does not hold")
-            off = idx * CHUNK + 512 * KiB
+            # Across into the next chunk, present: a read within the
+            # chunk alone would read through it (the next test).
+            off = (idx + 1) * CHUNK - 32 * KiB
             elapsed = read_ok(m, "preempt", t, off, 64 * KiB, f"{what}: read of the chunk")
             if elapsed > 2.5:
                 fail(f"{what}: the read waited {elapsed:.2f} s for the stream's transfer")
@@ -879,6 +888,95 @@ def test_a_read_does_not_wait_for_a_slow_stream_transfer():
                   f"{replies[0].strip()!r}")
     for idx in (1, 2):
         check_image_region(img, "preempt", t, idx * CHUNK, CHUNK, f"preempted chunk {idx}")
+    srv.stop()
+
+
+def test_a_small_read_of_a_chunk_in_flight_reads_through():
+    """The chunk command's transfer of a chunk comes at 256 KiB/s (4 s).
+    A 64 KiB read within that chunk fetches its own range at once and is
+    answered from it; the stream's transfer goes on, is not preempted, and
+    stores the chunk."""
+    t, srv, img = setup("through")
+    idx = 2
+    with h.Mount(ws(), img, opts=("stream=manual",)) as m:
+        p = m.path("through")
+        srv.mark()
+        srv.set_rules([rule("slow", t, rate=256 * KiB, count=1)])
+        stream, replies = chunk_command_in_thread(m, "through", idx * CHUNK)
+        time.sleep(1)  # the server logs a request once it has answered it
+        off = idx * CHUNK + 300 * KiB
+        elapsed = read_ok(m, "through", t, off, 64 * KiB, "read of a chunk in flight")
+        cached = xattr(p, "cached")
+        if elapsed > 1.5:
+            fail(f"the read of a chunk in flight took {elapsed:.2f} s")
+        if cached != "0":
+            fail(f"cached {cached} right after the read: the slow transfer was not under way")
+        stream.join(20)
+        if not replies or "error" in replies[0].lower():
+            fail(f"the chunk command replied {replies!r}")
+        recs = srv.records(f"/{t.name}")
+        slow = [r for r in recs if r["fault"] == "slow"]
+        own = [r for r in recs if is_good_fetch(r) and rec_range(r) == (off, off + 64 * KiB - 1)]
+        if len(slow) != 1 or rec_range(slow[0]) != (idx * CHUNK, (idx + 1) * CHUNK - 1) \
+                or len(own) != 1 or len(recs) != 2:
+            fail(f"expected the slow stream transfer of the chunk and one request of the "
+                 f"read's range:\n{show(recs)}")
+        x = xattrs(p)
+        if x["cached"] != str(CHUNK) or x["error"] or x["errors"] != "0":
+            fail(f"after the stream's transfer: cached {x['cached']}, error {x['error']!r}, "
+                 f"errors {x['errors']}")
+        h.log(f"read of a chunk in flight: {elapsed:.3f} s; chunk command "
+              f"{replies[0].strip()!r}")
+    check_image_region(img, "through", t, idx * CHUNK, CHUNK, "chunk stored by the stream")
+    check_image_zero(img, "through", 0, idx * CHUNK, "read through")
+    srv.stop()
+
+
+def test_concurrent_small_reads_of_a_chunk_in_flight():
+    """Two 64 KiB reads at once within a chunk the stream brings slowly:
+    one reads through it, the other waits for the stream's fill (which
+    its wait preempts), so the reads make one request of a read's range
+    between them; both get the template's bytes, quickly, with no error."""
+    t, srv, img = setup("through2")
+    idx = 1
+    with h.Mount(ws(), img, opts=("stream=manual",)) as m:
+        p = m.path("through2")
+        read_ok(m, "through2", t, 3 * CHUNK, 4 * KiB, "read that measures the link")
+        h.wait_until(lambda: xattr(p, "cached") == str(CHUNK), 10, "the first read's store")
+        srv.mark()
+        srv.set_rules([rule("slow", t, rate=128 * KiB, count=1)])
+        stream, replies = chunk_command_in_thread(m, "through2", idx * CHUNK)
+        time.sleep(1)  # the server logs a request once it has answered it
+        offs = (idx * CHUNK + 128 * KiB, idx * CHUNK + 640 * KiB)
+        times, errs = {}, []
+
+        def reader(off):
+            try:
+                times[off] = read_ok(m, "through2", t, off, 64 * KiB, f"read at {off}")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errs.append(e)
+        threads = [threading.Thread(target=reader, args=(o,)) for o in offs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        if errs:
+            raise errs[0]
+        if len(times) != 2 or max(times.values()) > 2.5:
+            fail(f"reads of a chunk in flight took {times}")
+        stream.join(20)
+        if not replies or "error" in replies[0].lower():
+            fail(f"the chunk command replied {replies!r}")
+        recs = srv.records(f"/{t.name}")
+        own = [r for r in recs if is_good_fetch(r) and rec_range(r) in
+               {(o, o + 64 * KiB - 1) for o in offs}]
+        if len(own) != 1:
+            fail(f"expected one request of a read's range:\n{show(recs)}")
+        x = xattrs(p)
+        if x["error"] or x["errors"] != "0":
+            fail(f"error {x['error']!r}, errors {x['errors']}")
+        h.log(f"two reads of a chunk in flight: {sorted(times.values())} s")
+    check_image_region(img, "through2", t, idx * CHUNK, CHUNK, "chunk read twice in flight")
     srv.stop()
 
 
