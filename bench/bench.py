@@ -909,19 +909,23 @@ class Bench:
     def sec_demand(self):
         """Cold reads of disk vm while vm streams (the target; also over the
         shared link, where the stream's transfers and the reads compete for
-        one link's bandwidth), and cold reads of disk vm2 (the same
-        template) while vm, another disk of the same mount, streams."""
+        one link's bandwidth); over the shared link, reads 0.3 s apart of
+        the chunks the streamer has in flight; and cold reads of disk vm2
+        (the same template) while vm, another disk of the same mount,
+        streams."""
         chunk = size_bytes(self.chunk)
         n = 30 if self.quick else 50
         res, other = {}, {}
         for net in ("loopback", "wan", "link"):
             res[net] = [self.demand_once(net, chunk, n, i, False) for i in range(self.runs)]
+        res["in_flight"] = {"link": [self.demand_once("link", chunk, n, i, False, True)
+                                     for i in range(self.runs)]}
         for net in ("loopback", "wan"):
             other[net] = [self.demand_once(net, chunk, n, i, True) for i in range(self.runs)]
         res["other_disk"] = other
         self.results["demand"] = res
 
-    def demand_once(self, net, chunk, n, i, other):
+    def demand_once(self, net, chunk, n, i, other, in_flight=False):
         imgdir = self.new_imgdir()
         self.add(imgdir, "vm", self.url(net, "vm"))
         read = "vm2" if other else "vm"
@@ -939,12 +943,17 @@ class Bench:
         c0, t0 = int(m.xattr("vm", "cached")), time.perf_counter()
         busy, skipped = [], 0
         while len(busy) < n:
-            # Reading vm itself: never a chunk the streamer has in flight.
-            # (The position is read either way, so both variants pace their
-            # reads alike.)
-            pos = int(m.xattr("vm", "position")) // chunk + 16
+            # Reading vm itself: never a chunk the streamer has in flight,
+            # but with in_flight, one of the 4 chunks from the streamer's
+            # position on, which it is fetching (0.3 s apart, so that it
+            # streams between the reads).  (The position is read either
+            # way, so the variants pace their reads alike.)
+            pos = int(m.xattr("vm", "position")) // chunk + (1 if in_flight else 16)
             pos = 0 if other else pos
             cand = [c for c in range(pos, nchunks) if c not in used]
+            if in_flight:
+                cand = cand[:4]
+                time.sleep(0.3)
             if len(cand) < 4 or m.xattr("vm", "state") != "streaming":
                 break
             c = self.rng.choice(cand)
@@ -973,7 +982,8 @@ class Bench:
         row["ratio_p50"] = row["busy_p50"] / row["idle_p50"] if busy else None
         log("demand %s%s run %d: idle p50 %.2f p99 %.2f ms; streaming (%.0f MiB/s) "
             "p50 %.2f p99 %.2f ms over %d reads"
-            % (net, ", reads of another disk" if other else "", i + 1,
+            % (net, ", reads of another disk" if other else
+               ", reads of chunks in flight" if in_flight else "", i + 1,
                row["idle_p50"] * 1e3, row["idle_p99"] * 1e3,
                row["stream_rate"] / MiB, (row["busy_p50"] or 0) * 1e3,
                (row["busy_p99"] or 0) * 1e3, len(busy)))
@@ -1341,15 +1351,21 @@ def verdict(ratio, target):
     return "yes" if ok else "**no**"
 
 
+DEMAND_KINDS = {"": "", "in_flight": "; reads of chunks in flight, 0.3 s apart",
+                "other_disk": "; reads of another disk of the mount"}
+
+
 def demand_sets(dm):
-    """(net, runs, other) of section demand's results dm (or None): the reads
-    of the streaming disk per net, then those of another disk."""
+    """(net, runs, kind) of section demand's results dm (or None): the reads
+    of the streaming disk per net (kind ""), then those of chunks in flight
+    ("in_flight") and of another disk ("other_disk")."""
     dm = dm or {}
     for net, runs in dm.items():
-        if net != "other_disk":
-            yield net, runs, False
-    for net, runs in dm.get("other_disk", {}).items():
-        yield net, runs, True
+        if net not in DEMAND_KINDS:
+            yield net, runs, ""
+    for kind in ("in_flight", "other_disk"):
+        for net, runs in dm.get(kind, {}).items():
+            yield net, runs, kind
 
 
 def demand_rows(row, net, runs, what, target):
@@ -1558,9 +1574,8 @@ def render_markdown(R, pngs):
                 median((r["sfs_cpu"] / r["curl_cpu"]) if r["curl_cpu"] else None for r in runs),
                 "CPU", None)
     dm = R.get("demand")
-    for net, runs, other in demand_sets(dm):
-        demand_rows(row, net, runs, "; reads of another disk of the mount" if other else "",
-                    None if other else ("<=", 2.0))
+    for net, runs, kind in demand_sets(dm):
+        demand_rows(row, net, runs, DEMAND_KINDS[kind], None if kind else ("<=", 2.0))
     sq = R.get("seq")
     if sq:
         sz = sizes["vm"]
@@ -1628,8 +1643,8 @@ def render_markdown(R, pngs):
                         " ".join("%.1f ms" % (r["mount_s"] * 1e3) for r in runs)))
         L.append("")
     if dm:
-        for net, runs, other in demand_sets(dm):
-            what = ", reads of another disk" if other else ""
+        for net, runs, kind in demand_sets(dm):
+            what = DEMAND_KINDS[kind].replace(";", ",")
             allb = [x for r in runs for x in r["busy"]]
             alli = [x for r in runs for x in r["idle"]]
             slow = 2 * pct(alli, 50)
