@@ -334,7 +334,8 @@ static uint64_t dir_deadline(struct dir *d, uint64_t now)
 			t = d->limited ? d->grant_ns : now;
 	}
 	if (!d->eof && !dir_has_room(d) && d->seg_sent > 0) {
-		uint64_t credit = dir_seg(d, 0)->due_ns +
+		const struct seg *s = dir_seg(d, 0);
+		uint64_t credit = (d->limited ? s->sent_ns : s->due_ns) +
 				  d->conn->relay->opts->delay_ns;
 
 		if (credit < t)
