@@ -112,10 +112,10 @@ bool disk_name_valid(const char *name)
  * '@' to skip, or NULL when it has none.  The authority ends at the first
  * '/', so the last '@' before it ends the userinfo and an unencoded '?',
  * '#' or '@' in a password lets none of it through.  An unencoded '/' in
- * a password ends the authority early, at "user:pa"; whose port then is
- * no number.  Such an authority counts as userinfo up to the last '@'
- * before the query, so no part of the password shows.  (An '@' in the
- * path of a plain "host[:port]/..." is not userinfo.)
+ * a password ends the authority early, at "user:pa", whose port is then
+ * no number: such a URL counts as userinfo up to the last '@' before the
+ * query, so no part of the password shows.  (An '@' in the path of a
+ * plain "host[:port]/..." is not userinfo.)
  */
 static const char *userinfo_at(const char *auth)
 {
