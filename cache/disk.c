@@ -186,6 +186,20 @@ static bool chunk_size_ok(uint64_t cs)
 	return cs >= CACHE_CHUNK_MIN && cs <= CACHE_CHUNK_MAX && !(cs & (cs - 1));
 }
 
+/*
+ * Allocates the metadata file's blocks (its second header slot and the
+ * bitmap would otherwise stay holes until first written): saving
+ * progress, and the fsync of a VM's writes, never then need a block of a
+ * filesystem that streaming has filled.  0, or -errno; a filesystem
+ * without fallocate(2) is left as it is.
+ */
+static int meta_allocate(int fd, uint64_t total)
+{
+	if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)total) == 0)
+		return 0;
+	return errno == EOPNOTSUPP || errno == ENOSYS ? 0 : -errno;
+}
+
 int cache_disk_create(int dirfd, const char *name, const struct cache_disk_params *p)
 {
 	char img[DISK_NAME_MAX + 16], meta[DISK_NAME_MAX + 16], tmp[DISK_NAME_MAX + 32];
@@ -240,6 +254,8 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	r = full_pwrite(meta_fd, slot, sizeof(slot), 0);
 	if (r >= 0 && ftruncate(meta_fd, (off_t)total) < 0)
 		r = -errno;
+	if (r >= 0)
+		r = meta_allocate(meta_fd, total);
 	if (r >= 0 && p->manifest) {
 		/* Zero chunks are present from the start: the new image is
 		 * all holes there, so they are never fetched. */
@@ -331,6 +347,10 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	d->chunk_size = d->meta.chunk_size;
 	d->chunk_shift = (unsigned)__builtin_ctz(d->chunk_size);
 	d->nchunks = meta_chunks(&d->meta);
+	/* Disks added before their metadata was allocated at add: best
+	 * effort (a full filesystem still mounts). */
+	if (meta_allocate(d->meta_fd, META_BITMAP_OFFSET + bitmap_bytes(d->nchunks)) < 0)
+		log_warn("disk %s: cannot allocate its metadata file: %m", name);
 	r = bitmap_init(&d->dirty, DIV_ROUND_UP(d->nchunks, DIRTY_PAGE_CHUNKS));
 	if (r >= 0)
 		r = bitmap_init(&d->zero, d->nchunks);

@@ -40,6 +40,7 @@ def template(kind):
         "race.img": 32 * MiB,
         "mmap.img": 4 * MiB + 100,
         "discard.img": 6 * MiB + 333,
+        "meta.img": 8 * MiB,
     }
     return ws().template(kind, sizes[kind])
 
@@ -800,6 +801,56 @@ def test_enospc_stops_streaming_then_resumes():
         got = hashlib.sha256(read_file_all(os.path.join(img, "full.img"))).hexdigest()
         if got != hashlib.sha256(bytes(want)).hexdigest():
             fail("full.img in the image directory differs from the expected disk")
+
+
+def test_sync_on_a_full_filesystem_needs_no_metadata_block():
+    """The metadata's blocks are allocated when the disk is added: with the
+    image directory's filesystem full but for one chunk, a write of that
+    whole chunk and its fsync succeed (recording it present takes no new
+    block), and the chunk survives a remount."""
+    t = template("meta.img")
+    fsdir = ws().mkdir("metafs", unique=True)
+    p = h.run(["mount", "-t", "tmpfs", "-o", "size=24M,mode=0755", "tmpfs", fsdir])
+    if p.returncode != 0:
+        fail(f"cannot mount a tmpfs: {p.stderr_text.strip()}")
+    h.defer(lambda: h.run(["umount", "-l", fsdir]), "umount tmpfs")
+    img = os.path.join(fsdir, "images")
+    os.mkdir(img)
+    h.ctl_add(img, "m", "file://" + t.path, chunk_size="1M")
+    # Fill the filesystem, then free exactly one chunk's worth.
+    filler = os.path.join(fsdir, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        block = b"\xff" * MiB
+        while True:
+            try:
+                if os.write(fd, block) == 0:
+                    break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    size = os.path.getsize(filler)
+    os.truncate(filler, size - MiB)
+    data, off = os.urandom(MiB), 5 * MiB
+    with h.Mount(ws(), img, allow=[r"(?i)space|save progress"]) as m:
+        fd = os.open(m.path("m"), os.O_RDWR)
+        try:
+            pwrite_all(fd, data, off)
+            os.fsync(fd)
+        except OSError as e:
+            fail(f"a whole-chunk write and fsync with one chunk free: {e!r}")
+        finally:
+            os.close(fd)
+        if "save progress" in m.stderr():
+            fail(f"progress could not be saved:\n{m.stderr()}")
+    with h.Mount(ws(), img) as m:
+        expect_equal("the written chunk after a remount", h.pread_all(m.path("m"), off, MiB),
+                     data)
+        if int(xattr(m.path("m"), "cached")) != MiB:
+            fail(f"cached {xattr(m.path('m'), 'cached')} after the remount, expected {MiB}")
 
 
 if __name__ == "__main__":
