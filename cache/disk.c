@@ -1124,9 +1124,14 @@ static int fetch_reader_first(struct cache_disk *d, void *buf, uint64_t len, uin
  * - Not for read-ahead's chunks: they are the ones a sequential reader
  *   reads next, and it waits for them rather than fetch them twice.
  * - Not with a manifest, whose check needs the whole chunk.
- * A failed request leaves the reader to wait for the fill.
+ * The request gets READ_THROUGH_NS, not the read's whole timeout: if it
+ * fails (the server refuses new requests, say), the reader goes back to
+ * waiting for the fill, which may be done by then, and the read's own
+ * timeout, preemption and error reports work as before.  A template
+ * change it finds fails the disk at once, as a fill's would.
  */
 #define READ_THROUGH_MAX (256u << 10)
+#define READ_THROUGH_NS (500 * 1000000ull)
 
 /* The stream's claim that the reader of [first, last] may read through,
  * marked and referenced (until read_through_done), or NULL.  Under lock. */
@@ -1161,16 +1166,22 @@ static int read_through(struct cache_disk *d, const struct cache_fetch_hint *hin
 	void *buf = malloc(MAX(dl->len, 1u));
 	int r;
 
-	if (!buf)
-		return -ENOMEM;
+	if (!d->src.fetch_range || !buf) {
+		free(buf);
+		return -EIO;
+	}
 	memset(&h.hooks, 0, sizeof(h.hooks));
 	h.hooks.on_wire = stream_demand_on_wire;
 	h.hooks.on_wire_opaque = d;
+	h.until_ns = now_ns() + READ_THROUGH_NS;
 	atomic_fetch_add(&d->waiting, 1);
 	r = d->src.fetch_range(d->src.opaque, buf, dl->len, dl->off, &h);
 	atomic_fetch_sub(&d->waiting, 1);
 	if (r < 0) {
 		free(buf);
+		if (r == -ESTALE)
+			note_fill_error(d, dl->off >> d->chunk_shift, dl->off >> d->chunk_shift, r,
+					false);
 		return r;
 	}
 	clear_transient_error(d);

@@ -24,7 +24,7 @@ struct inflight {
 	int result;    /* 0 or -errno, valid once done; guarded by lock */
 	unsigned refs; /* owner + waiters; the last one frees; guarded by lock */
 	bool background; /* a fetch that gives up sooner than a demand read */
-	bool stream;     /* the streamer's (or a chunk command's) */
+	bool stream;     /* the streamer's (or a chunk command's); guarded by lock */
 	bool through;    /* a demand read reads through it (read_through);
 			  * guarded by lock */
 	unsigned demand_waiters; /* demand callers waiting for it, if

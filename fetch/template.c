@@ -233,6 +233,9 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 	uint64_t start = rq->since_ns ? rq->since_ns : now_ns();
 	uint64_t deadline = start + (uint64_t)t->pool->opts.timeout_s * 1000000000ull;
 	unsigned backoff_ms = RETRY_MIN_MS;
+
+	if (rq->until_ns && rq->until_ns < deadline)
+		deadline = rq->until_ns;
 	struct http_reply reply;
 	int r;
 

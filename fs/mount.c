@@ -34,6 +34,7 @@ static int src_fetch(void *opaque, void *buf, size_t len, uint64_t off,
 		.prio = hint->prio == CACHE_PRIO_DEMAND ? FETCH_PRIO_DEMAND : FETCH_PRIO_STREAM,
 		.max_rate = hint->max_rate,
 		.since_ns = hint->since_ns,
+		.until_ns = hint->until_ns,
 		.hooks = hint->hooks,
 	};
 

@@ -40,6 +40,8 @@ struct cache_fetch_hint {
 	uint64_t since_ns; /* DEMAND: the timeout counts from this now_ns()
 			    * time (a request that finishes a fetch begun
 			    * earlier); 0: from the call */
+	uint64_t until_ns; /* DEMAND: give up at this now_ns() time if it
+			    * comes before the timeout's end; 0: none */
 	struct xfer_hooks hooks; /* set by the cache, passed on to the transfer */
 };
 

@@ -109,6 +109,7 @@ struct fetch_req {
 	uint64_t max_rate; /* bytes/s cap for this transfer, 0 = none */
 	uint64_t since_ns; /* DEMAND: the timeout counts from this now_ns()
 			    * time; 0: from the call */
+	uint64_t until_ns; /* DEMAND: an earlier end than the timeout's, or 0 */
 	struct xfer_hooks hooks;
 };
 
