@@ -738,15 +738,22 @@ def test_qemu_io_writes_survive_kill9():
 ENOSPC_ERRORS = [r"(?i)space|ENOSPC|cannot write|local image|save progress|streaming stopped"]
 
 
-def test_enospc_stops_streaming_then_resumes():
-    t = template("full.img")
-    fsdir = ws().mkdir("smallfs", unique=True)
-    p = h.run(["mount", "-t", "tmpfs", "-o", "size=48M,mode=0755", "tmpfs", fsdir])
+def small_fs_image_dir(name, size):
+    """An image directory on a tmpfs of `size` (unmounted at the test's
+    end); returns (tmpfs mount point, image directory)."""
+    fsdir = ws().mkdir(name, unique=True)
+    p = h.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", fsdir])
     if p.returncode != 0:
         fail(f"cannot mount a tmpfs: {p.stderr_text.strip()}")
     h.defer(lambda: h.run(["umount", "-l", fsdir]), "umount tmpfs")
     img = os.path.join(fsdir, "images")
     os.mkdir(img)
+    return fsdir, img
+
+
+def test_enospc_stops_streaming_then_resumes():
+    t = template("full.img")
+    fsdir, img = small_fs_image_dir("smallfs", "48M")
     with h.Nginx(ws()) as ng:
         h.ctl_add(img, "full", ng.url(t.name), chunk_size="1M")
         with h.Mount(ws(), img, allow=ENOSPC_ERRORS) as m:
@@ -809,13 +816,7 @@ def test_sync_on_a_full_filesystem_needs_no_metadata_block():
     whole chunk and its fsync succeed (recording it present takes no new
     block), and the chunk survives a remount."""
     t = template("meta.img")
-    fsdir = ws().mkdir("metafs", unique=True)
-    p = h.run(["mount", "-t", "tmpfs", "-o", "size=24M,mode=0755", "tmpfs", fsdir])
-    if p.returncode != 0:
-        fail(f"cannot mount a tmpfs: {p.stderr_text.strip()}")
-    h.defer(lambda: h.run(["umount", "-l", fsdir]), "umount tmpfs")
-    img = os.path.join(fsdir, "images")
-    os.mkdir(img)
+    fsdir, img = small_fs_image_dir("metafs", "24M")
     h.ctl_add(img, "m", "file://" + t.path, chunk_size="1M")
     # Fill the filesystem, then free exactly one chunk's worth.
     filler = os.path.join(fsdir, "filler")
