@@ -78,7 +78,9 @@ int bitmap_load(struct bitmap *b, const uint8_t *bytes, size_t len)
 
 #define META_FLAG_COMPLETE 0x1u
 #define META_FLAG_MANIFEST 0x2u /* NAME.manifest holds per-chunk hashes */
-#define META_FLAGS_KNOWN (META_FLAG_COMPLETE | META_FLAG_MANIFEST)
+#define META_FLAG_STALE 0x4u    /* the template changed: the disk fails until
+				 * `start` finds the one it was added from */
+#define META_FLAGS_KNOWN (META_FLAG_COMPLETE | META_FLAG_MANIFEST | META_FLAG_STALE)
 
 /*
  * NAME.manifest, the disk's copy of its manifest, all little-endian:

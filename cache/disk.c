@@ -347,6 +347,14 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	d->chunk_size = d->meta.chunk_size;
 	d->chunk_shift = (unsigned)__builtin_ctz(d->chunk_size);
 	d->nchunks = meta_chunks(&d->meta);
+	if (d->meta.flags & META_FLAG_STALE) {
+		d->failed = d->stale = true;
+		snprintf(d->error, sizeof(d->error),
+			 "template changed since the disk was added (found before this mount); "
+			 "start checks it again");
+		log_warn("disk %s: its template changed before this mount; absent data fail "
+			 "with EIO until start finds the template it was added from", name);
+	}
 	/* Disks added before their metadata was allocated at add: best
 	 * effort (a full filesystem still mounts). */
 	if (meta_allocate(d->meta_fd, META_BITMAP_OFFSET + bitmap_bytes(d->nchunks)) < 0)
@@ -606,6 +614,64 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 	return r;
 }
 
+/* Keeps a template change across remounts: the disk comes back failed,
+ * with no request made, until `start` finds the template unchanged. */
+static void record_stale(struct cache_disk *d)
+{
+	LOCK_GUARD(&d->commit_lock);
+	/* Nothing is saved after a failed sync (cache_disk_sync). */
+	if (atomic_load(&d->sync_error) || (d->meta.flags & META_FLAG_STALE))
+		return;
+	d->meta.flags |= META_FLAG_STALE;
+	int r = meta_store_header(d->meta_fd, &d->meta);
+	if (r < 0) {
+		d->meta.flags &= ~META_FLAG_STALE;
+		log_warn("disk %s: cannot record the template change in its metadata: %s; "
+			 "after a remount it shows only when a fetch meets it again",
+			 d->name, strerror(-r));
+	}
+}
+
+int cache_disk_recheck(struct cache_disk *d, char *why, size_t why_size)
+{
+	const struct cache_fetch_hint hint = {.prio = CACHE_PRIO_DEMAND};
+	char byte;
+	int r;
+
+	pthread_mutex_lock(&d->lock);
+	bool stale = d->stale;
+	pthread_mutex_unlock(&d->lock);
+	if (!stale)
+		return 0;
+	/* One byte, asked for with the recorded validator and size: the
+	 * check every fetch makes. */
+	r = d->src.fetch_range(d->src.opaque, &byte, 1, 0, &hint);
+	if (r < 0) {
+		char src_err[160] = "";
+		if (d->src.last_error)
+			d->src.last_error(d->src.opaque, src_err, sizeof(src_err));
+		snprintf(why, why_size, "%s", src_err[0] ? src_err : strerror(-r));
+		return r;
+	}
+	LOCK_GUARD(&d->commit_lock);
+	if (d->meta.flags & META_FLAG_STALE) {
+		d->meta.flags &= ~META_FLAG_STALE;
+		r = meta_store_header(d->meta_fd, &d->meta);
+		if (r < 0) {
+			d->meta.flags |= META_FLAG_STALE;
+			snprintf(why, why_size, "cannot save its metadata: %s", strerror(-r));
+			return r;
+		}
+	}
+	LOCK_GUARD(&d->lock);
+	if (d->stale) {
+		d->failed = d->stale = false;
+		d->error[0] = '\0';
+		log_notice("disk %s: its template is the one it was added from again", d->name);
+	}
+	return 0;
+}
+
 /* Classifies a failure and records it for user.streamfs.error. */
 void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 			    bool local)
@@ -623,10 +689,15 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 	if (r == -ESTALE) {
 		disk_set_error(d, "template changed since the disk was added: %s",
 			       src_err[0] ? src_err : "validator differs");
-		LOCK_GUARD(&d->lock);
-		if (!d->failed)
+		pthread_mutex_lock(&d->lock);
+		bool news = !d->failed;
+		if (news) {
 			log_err("disk %s: template changed; absent data now fail with EIO", d->name);
-		d->failed = true;
+			d->failed = d->stale = true;
+		}
+		pthread_mutex_unlock(&d->lock);
+		if (news)
+			record_stale(d);
 		return;
 	}
 	disk_set_error(d, "cannot fetch chunks %" PRIu64 "-%" PRIu64 ": %s", first, last,
@@ -657,6 +728,7 @@ static void fill_finish(struct cache_disk *d, struct inflight **claims, uint64_t
 			       bad, bad << d->chunk_shift);
 		LOCK_GUARD(&d->lock);
 		d->failed = true;
+		d->stale = false; /* `start` cannot undo this */
 	} else if (r < 0 && r != -EINTR) { /* -EINTR: preempted, no failure */
 		note_fill_error(d, a, b, r, local);
 	}
@@ -1548,6 +1620,7 @@ static void sync_failed(struct cache_disk *d, int r)
 	disk_set_error(d, "cannot sync local image: %s; remount to recover", strerror(-r));
 	pthread_mutex_lock(&d->lock);
 	d->failed = true;
+	d->stale = false; /* only a remount recovers */
 	for (int64_t i = bitmap_next_set(&d->present, 0); i >= 0;
 	     i = bitmap_next_set(&d->present, (uint64_t)i + 1)) {
 		if (have_saved && bitmap_get(&saved, (uint64_t)i))

@@ -107,7 +107,7 @@ struct cache_disk {
 	struct meta meta;
 
 	pthread_mutex_t lock;       /* protects: present, dirty, zero, inflight,
-				     * failed, local_error, error; order: last */
+				     * failed, stale, local_error, error; order: last */
 	pthread_cond_t fill_cond;   /* an inflight entry finished */
 	struct bitmap present;      /* guarded by lock */
 	struct bitmap dirty;        /* bitmap pages changed since last commit */
@@ -115,7 +115,10 @@ struct cache_disk {
 				     * read as zeros until written (not saved);
 				     * guarded by lock */
 	struct inflight *inflight;  /* guarded by lock */
-	bool failed;                /* permanent: template changed; guarded */
+	bool failed;                /* permanent: template changed, manifest
+				     * mismatch or failed sync; guarded */
+	bool stale;                 /* failed for a template change alone, which
+				     * `start` may find undone; guarded */
 	bool local_error;           /* ENOSPC/EIO on the image; cleared by start */
 	char error[256];            /* last error text; guarded by lock */
 

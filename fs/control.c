@@ -206,6 +206,16 @@ int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi)
 		return reply(s, (int)size, "ok\n");
 	}
 	case CONTROL_START:
+		r = cache_disk_recheck(md->disk, why, sizeof(why));
+		if (r == -ESTALE)
+			return reply(s, -EIO,
+				     "error: start: the template of %s still differs from the one "
+				     "it was added from: %s\n",
+				     md->name, why);
+		if (r < 0)
+			return reply(s, r == -ENOSPC ? r : -EIO,
+				     "error: start: cannot check the template of %s: %s\n", md->name,
+				     why);
 		r = cache_disk_stream_start(md->disk);
 		if (r == -EALREADY)
 			return reply(s, (int)size, "ok complete\n");

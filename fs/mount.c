@@ -88,7 +88,8 @@ static void start_streaming(struct mount_disk *md)
 {
 	int r = cache_disk_stream_start(md->disk);
 
-	if (r < 0 && r != -EALREADY)
+	/* -EIO: a disk failed before this mount, which cache_disk_open logged. */
+	if (r < 0 && r != -EALREADY && r != -EIO)
 		log_warn("disk %s: cannot start streaming: %s", md->name, strerror(-r));
 }
 

@@ -286,6 +286,17 @@ bool cache_disk_has_manifest(const struct cache_disk *d);
  */
 int cache_disk_stream_start(struct cache_disk *d) __attribute__((warn_unused_result));
 
+/*
+ * For a disk failed by a template change alone (found now or before this
+ * mount): asks the template for one byte with the recorded validator, and
+ * if the template is the one added again, clears the error, here and in
+ * the metadata.  Returns 0 (also when there is nothing to check), -ESTALE
+ * when the template still differs, or another -errno when the check could
+ * not be made; why says why.  Blocks for up to the source's timeout.
+ */
+int cache_disk_recheck(struct cache_disk *d, char *why, size_t why_size)
+	__attribute__((warn_unused_result));
+
 /* Pauses streaming; chunks in flight finish. Returns 0 or -EALREADY (complete). */
 int cache_disk_stream_stop(struct cache_disk *d) __attribute__((warn_unused_result));
 

@@ -1184,6 +1184,55 @@ def test_change_etag_is_template_change():
     check_image_zero(img, "etag", 2 * CHUNK, t.size - 2 * CHUNK, "change_etag")
 
 
+def test_a_template_change_outlives_a_remount():
+    """A template change is kept with the disk: after a remount the disk
+    is in state error at once, with no request, and `start` asks the
+    template again: it fails while the template differs and clears the
+    error once the template is the one the disk was added from."""
+    t, srv, img = setup("stale")
+    present = (1 * MiB, 128 * KiB)
+    with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
+        read_ok(m, "stale", t, *present, "read before the template changes")
+        srv.set_rules([rule("change_etag", t)])
+        read_eio(m, "stale", 3 * MiB, 4096, "read after the template changed")
+    srv.mark()
+    with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
+        p = m.path("stale")
+        x = xattrs(p)
+        if x["state"] != "error" or "template changed" not in x["error"]:
+            fail(f"after a remount: state {x['state']!r}, error {x['error']!r}; expected "
+                 "state error naming the template change")
+        elapsed = read_eio(m, "stale", 3 * MiB, 4096, "absent read after the remount")
+        if elapsed > 1:
+            fail(f"an absent read after the remount took {elapsed:.1f} s to fail")
+        expect_equal("present data after the remount", pread_direct(p, *present),
+                     t.read(*present))
+        if srv.records(f"/{t.name}"):
+            fail(f"the remount or its reads asked the changed template:\n"
+                 f"{show(srv.records(f'/{t.name}'))}")
+        e, reply = h.control_send(m.mnt, "start stale\n")
+        if e != errno.EIO or "still differs" not in reply:
+            fail(f"start while the template differs: errno {e}, reply {reply!r}")
+        if xattr(p, "state") != "error":
+            fail(f"state {xattr(p, 'state')!r} after a start that found the change")
+        check_validator_sent(srv.records(f"/{t.name}"))
+        # The template is the one added again (a server restored from backup).
+        srv.clear()
+        e, reply = h.control_send(m.mnt, "start stale\n")
+        if e or reply != "ok\n":
+            fail(f"start once the template is back: errno {e}, reply {reply!r}")
+        x = xattrs(p)
+        if x["error"] or x["state"] not in ("streaming", "complete"):
+            fail(f"after a start that found the template back: state {x['state']!r}, "
+                 f"error {x['error']!r}")
+        h.wait_until(lambda: xattr(p, "state") == "complete", 60, "stale: complete")
+    with h.Mount(ws(), img) as m:
+        x = xattrs(m.path("stale"))
+        if x["state"] != "complete" or x["error"]:
+            fail(f"after the last remount: state {x['state']!r}, error {x['error']!r}")
+    check_image_region(img, "stale", t, 0, t.size, "stale, once back")
+
+
 def test_whole_new_template_in_a_200_is_template_change():
     """A cache that ignores If-Match and Range answers 200 with a template
     whose ETag changed: a template change (state error at once), not a

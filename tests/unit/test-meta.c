@@ -361,6 +361,7 @@ static void test_meta__decode_rejects_fields(void **state)
 		{"flags 0xffffffff", OFF_FLAGS, 4, 0xffffffffu, true, -EBADMSG},
 		{"flag COMPLETE", OFF_FLAGS, 4, META_FLAG_COMPLETE, true, 0},
 		{"flag MANIFEST", OFF_FLAGS, 4, META_FLAG_MANIFEST, true, 0},
+		{"flag STALE", OFF_FLAGS, 4, META_FLAG_STALE, true, 0},
 		{"all known flags", OFF_FLAGS, 4, META_FLAGS_KNOWN, true, 0},
 		/* header length */
 		{"length 0", OFF_LENGTH, 4, 0, false, -EBADMSG},
