@@ -234,7 +234,8 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 	uint64_t deadline = start + (uint64_t)t->pool->opts.timeout_s * 1000000000ull;
 	unsigned backoff_ms = RETRY_MIN_MS;
 
-	if (rq->until_ns && rq->until_ns < deadline)
+	bool budget = rq->until_ns && rq->until_ns < deadline; /* the caller's, not timeout= */
+	if (budget)
 		deadline = rq->until_ns;
 	struct http_reply reply;
 	int r;
@@ -258,6 +259,8 @@ int fetch_template_read(struct fetch_template *t, void *buf, size_t len, uint64_
 				pool_release(t->pool, h, false);
 				if (attempt > 1)
 					return r == -ETIMEDOUT ? r : -EIO;
+				if (budget)
+					return -ETIMEDOUT; /* no fault of the template's */
 				char msg[sizeof(t->last_error)];
 				snprintf(msg, sizeof(msg), "timed out: timeout of %u s passed (%s)",
 					 t->pool->opts.timeout_s, t->shown);
