@@ -82,12 +82,13 @@ static int fs_getattr(const char *path, struct stat *st, struct fuse_file_info *
 	if (fstat(cache_disk_fd(md->disk), &img) < 0)
 		return -errno;
 	/* The disk shows its local image's owner, mode and times: chmod or
-	 * chown the image (or the disk) to decide who may open it. */
+	 * chown the image (or the disk) to decide who may open it.  Under
+	 * readonly too, as on a filesystem mounted read-only: opens for
+	 * writing fail with EROFS, and the owner may still set
+	 * user.streamfs.speed (the kernel asks write permission for it). */
 	*st = img;
 	st->st_ino = 0;
 	st->st_mode = S_IFREG | (img.st_mode & 07777);
-	if (m->opts.readonly)
-		st->st_mode &= ~(mode_t)0222;
 	st->st_nlink = 1;
 	st->st_size = (off_t)cache_disk_size(md->disk);
 	/* Buffered readers (stdio, cmp, cp) size their reads by this: in

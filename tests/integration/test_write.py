@@ -15,9 +15,11 @@ import errno
 import hashlib
 import mmap
 import os
+import pwd
 import random
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -678,6 +680,41 @@ def test_readonly_and_size_changes():
 # ---------------------------------------------------------------------------
 # QEMU as the writer, then kill -9
 # ---------------------------------------------------------------------------
+
+
+def test_readonly_owner_sets_the_speed():
+    """Under readonly the disk keeps its image's mode, as on a filesystem
+    mounted read-only: the kernel asks write permission for user.*
+    xattrs, so a mode without write bits kept the owner (not root) from
+    setting user.streamfs.speed.  Opens for writing still fail with EROFS."""
+    if os.geteuid() != 0 or not h.find_program("setpriv"):
+        h.log("not root or no setpriv: skipped")
+        return
+    nobody = pwd.getpwnam("nobody").pw_uid
+    as_nobody = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups"]
+    t = template("ro.img")
+    img = image_dir()
+    with h.Nginx(ws()) as ng:
+        h.ctl_add(img, "ro", ng.url(t.name), chunk_size="64K")
+        os.chown(os.path.join(img, "ro.img"), nobody, -1)
+        with h.Mount(ws(), img, opts=("stream=manual", "readonly", "allow_other")) as m:
+            path = m.path("ro")
+            r = h.run(as_nobody + ["setfattr", "-n", "user.streamfs.speed", "-v", "12345", path])
+            if r.returncode != 0:
+                fail(f"the disk's owner cannot set user.streamfs.speed on a readonly "
+                     f"mount: {r.stderr_text.strip()!r}")
+            if xattr(path, "speed") != "12345":
+                fail(f"user.streamfs.speed is {xattr(path, 'speed')!r} after setting 12345")
+            st = os.stat(path)
+            if st.st_uid != nobody or st.st_mode & 0o777 != 0o600:
+                fail(f"readonly disk: owner {st.st_uid}, mode {st.st_mode & 0o777:o}; "
+                     f"expected the image's: {nobody}, 600")
+            r = h.run(as_nobody + [sys.executable, "-c",
+                                   "import os, sys; os.open(sys.argv[1], os.O_RDWR)", path])
+            if r.returncode == 0 or "Read-only file system" not in r.stderr_text:
+                fail(f"the owner's open for writing on a readonly mount: rc {r.returncode}, "
+                     f"{r.stderr_text.strip()[-200:]!r}; expected EROFS")
+            expect_equal("readonly mount: read", h.pread_all(path, 0, t.size), t.read())
 
 def qemu_io(path, cmds, extra=()):
     cmd = ["qemu-io", "-f", "raw", *extra]
