@@ -282,6 +282,25 @@ fail_img:
 	return r;
 }
 
+/*
+ * The image opened a second time with O_DIRECT, for the streamer's stores
+ * (see disk_store_direct); -1 where the filesystem refuses O_DIRECT (tmpfs
+ * before Linux 6.6) or the name no longer leads to the image opened as st.
+ */
+static int open_direct(int dirfd, const char *img, const struct stat *st)
+{
+	struct stat st2;
+	int fd = openat(dirfd, img, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_DIRECT);
+
+	if (fd < 0)
+		return -1;
+	if (fstat(fd, &st2) < 0 || st2.st_dev != st->st_dev || st2.st_ino != st->st_ino) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
 int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *why,
 		    size_t why_size)
 {
@@ -306,7 +325,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 	struct cache_disk *d = calloc(1, sizeof(*d));
 	if (!d)
 		return -ENOMEM;
-	d->img_fd = d->meta_fd = d->manifest_fd = -1;
+	d->img_fd = d->img_direct_fd = d->meta_fd = d->manifest_fd = -1;
 	d->name = strdup(name);
 	if (!d->name) {
 		r = -ENOMEM;
@@ -331,6 +350,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		r = -errno;
 		goto fail;
 	}
+	d->img_direct_fd = open_direct(dirfd, img, &st);
 	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != d->meta.size) {
 		snprintf(why, why_size, "local image %s is %lld bytes, metadata says %" PRIu64,
 			 img, (long long)st.st_size, d->meta.size);
@@ -380,6 +400,8 @@ fail:
 	meta_clear(&d->meta);
 	if (d->img_fd >= 0)
 		close(d->img_fd);
+	if (d->img_direct_fd >= 0)
+		close(d->img_direct_fd);
 	if (d->meta_fd >= 0)
 		close(d->meta_fd);
 	if (d->manifest_fd >= 0)
@@ -411,6 +433,8 @@ void cache_disk_free(struct cache_disk *d)
 	bitmap_destroy(&d->zero);
 	meta_clear(&d->meta);
 	close(d->img_fd);
+	if (d->img_direct_fd >= 0)
+		close(d->img_direct_fd);
 	close(d->meta_fd);
 	if (d->manifest_fd >= 0)
 		close(d->manifest_fd);
@@ -563,6 +587,38 @@ static bool range_is_hole(int fd, uint64_t off, uint64_t len)
  */
 #define STORE_PIECE (128u << 10)
 
+/*
+ * The streamer's chunks go to the image with O_DIRECT where they can: a
+ * background copy of a whole disk would otherwise fill the page cache with
+ * data nobody is reading, and its copy into freshly allocated page-cache
+ * folios was most of the daemon's CPU while streaming (BENCHMARKS.md).
+ * Chunks fetched for a reader or a writer go through the page cache, where
+ * their next read finds them.  The kernel keeps the two kinds of write
+ * coherent, and durability is the same: fdatasync covers both.  Needs a
+ * buffer, an offset and a length aligned to DIRECT_ALIGN (fetch buffers are
+ * mmap'ed and chunks are at least 64 KiB; a disk's short last chunk is
+ * not); else, or once the filesystem refused a direct write, -EOPNOTSUPP:
+ * the caller writes through the page cache.
+ */
+#define DIRECT_ALIGN 4096u
+
+static int disk_store_direct(struct cache_disk *d, const void *buf, uint64_t len, uint64_t off)
+{
+	if (d->img_direct_fd < 0 || atomic_load(&d->direct_off) ||
+	    ((uintptr_t)buf | len | off) % DIRECT_ALIGN)
+		return -EOPNOTSUPP;
+	int r = full_pwrite(d->img_direct_fd, buf, len, off);
+	if (r == -EINVAL) {
+		/* Alignment the filesystem or device wants bigger: nothing
+		 * was written, and the page cache takes it from now on. */
+		atomic_store(&d->direct_off, true);
+		log_warn("disk %s: the image refuses direct writes (%s); streaming writes "
+			 "through the page cache", d->name, strerror(-r));
+		return -EOPNOTSUPP;
+	}
+	return r;
+}
+
 int disk_pwrite(struct cache_disk *d, const void *buf, uint64_t len, uint64_t off)
 {
 	int r = 0;
@@ -583,7 +639,7 @@ int disk_pwrite(struct cache_disk *d, const void *buf, uint64_t len, uint64_t of
  * chunk is remembered in d->zero, so that reads of it are answered with
  * zeros, not by the kernel zeroing the image's pages for the hole.
  */
-static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
+static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf, bool direct)
 {
 	uint64_t off = idx << d->chunk_shift;
 	uint64_t len = disk_chunk_len(d, idx);
@@ -599,6 +655,8 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf)
 		if (r == -ENOSYS)
 			r = -EOPNOTSUPP;
 	}
+	if (r == -EOPNOTSUPP && direct)
+		r = disk_store_direct(d, buf, len, off);
 	if (r == -EOPNOTSUPP)
 		r = disk_pwrite(d, buf, len, off);
 	/* Counted once done, so a sync that reads the counter covers it. */
@@ -760,6 +818,7 @@ struct run_store {
 	uint64_t next;            /* the first chunk not stored yet */
 	struct inflight **claims; /* a background fill's, for fill_preempted();
 				   * with early, those before next are NULL */
+	bool direct;              /* the streamer's: disk_store_direct() */
 	bool early;               /* early stores: each chunk stored finishes
 				   * its claim; else the caller finishes them */
 	/* The current attempt's pace, for fill_preempted(): */
@@ -782,7 +841,7 @@ static void run_store_upto(struct run_store *rs, uint64_t upto, bool hold)
 
 		if (hold)
 			stream_hold(d);
-		rs->r = store_chunk(d, rs->next, rs->buf + (k << d->chunk_shift));
+		rs->r = store_chunk(d, rs->next, rs->buf + (k << d->chunk_shift), rs->direct);
 		if (rs->r < 0)
 			return;
 		if (rs->early) {
@@ -1323,6 +1382,7 @@ static int fill_run(struct cache_disk *d, struct inflight **claims, uint64_t a, 
 	struct run_store rs = {.d = d, .a = a, .b = b, .next = a};
 
 	budget_take(fill_budget(background), len);
+	rs.direct = hint->prio == CACHE_PRIO_STREAM;
 	if (background) {
 		rs.claims = claims;
 		h.hooks.hold = run_hold;

@@ -94,6 +94,10 @@ struct storeq {
 struct cache_disk {
 	char *name;
 	int img_fd;
+	int img_direct_fd;     /* the image again, O_DIRECT, for the streamer's
+				* stores (disk_store_direct); -1 where the
+				* filesystem refuses O_DIRECT */
+	atomic_bool direct_off; /* a direct write was refused: buffered on */
 	int meta_fd;
 	int manifest_fd;       /* NAME.manifest, or -1 */
 	uint64_t nchunks;

@@ -136,6 +136,87 @@ def test_complete_disk_never_needs_the_network():
     m2.stop()
 
 
+def resident(path, off, length):
+    """Bytes of [off, off+length) of a file in the page cache (mincore)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, 1, 1, fd, off)  # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            fail(f"mmap {path}: {os.strerror(ctypes.get_errno())}")
+        pages = (length + 4095) // 4096
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(addr, length, vec) != 0:
+            fail(f"mincore {path}: {os.strerror(ctypes.get_errno())}")
+        libc.munmap(addr, length)
+        return sum(b & 1 for b in vec) * 4096
+    finally:
+        os.close(fd)
+
+
+def direct_io_works(directory):
+    probe = os.path.join(directory, ".direct-probe")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+def test_streamed_chunks_bypass_the_page_cache():
+    """The streamer writes its chunks with O_DIRECT: a background copy of a
+    whole disk leaves the page cache alone.  A chunk fetched for a reader
+    goes through the page cache, where its next read finds it, and the
+    disk's short last chunk (unaligned) too.  Every byte is the template's."""
+    t = ws().template("direct.img", 24 * MiB + 333)
+    img = ws().mkdir("images", unique=True)
+    if not direct_io_works(img):
+        h.log("the image directory's filesystem refuses O_DIRECT: skipped")
+        return
+    ng = h.Nginx(ws()).start()
+    h.ctl_add(img, "dio", ng.url(t.name), chunk_size="1M")
+    image = os.path.join(img, "dio.img")
+    with h.Mount(ws(), img) as m:
+        disk = m.path("dio")
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            if os.pread(fd, 4096, 5 * MiB) != t.read(5 * MiB, 4096):
+                fail("a read before streaming returned other bytes than the template's")
+        finally:
+            os.close(fd)
+        if control(m.mnt, "start dio\n").strip() != "ok":
+            fail("start failed")
+        wait_state(disk, "complete", 60)
+        demand = resident(image, 5 * MiB, MiB)
+        streamed = resident(image, 0, 5 * MiB) + resident(image, 6 * MiB, 18 * MiB)
+        tail = resident(image, 24 * MiB, 4096)
+        h.log(f"in the page cache: demand chunk {demand >> 10} KiB, streamed chunks "
+              f"{streamed >> 10} KiB, last chunk {tail} bytes")
+        if demand < MiB // 2:
+            fail(f"the chunk fetched for a reader is not in the page cache ({demand} bytes)")
+        if streamed > 2 * MiB:
+            fail(f"{streamed >> 20} MiB of the 23 streamed chunks are in the page cache: "
+                 "the streamer wrote through it")
+        if tail == 0:
+            fail("the short last chunk is not in the page cache: not written through it")
+        if h.sha256_file(disk) != t.sha256:
+            fail("the streamed disk differs from its template")
+    ng.stop()
+    with h.Mount(ws(), img) as m:
+        if h.sha256_file(m.path("dio")) != t.sha256:
+            fail("the streamed disk differs from its template after a remount")
+
+
 def test_demand_read_does_not_queue_behind_the_streamer():
     """With 2 connections the streamer keeps one chunk in flight and leaves
     the other connection to demand reads.  Every transfer is slowed to
