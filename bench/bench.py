@@ -70,9 +70,9 @@ NET = {"loopback": "loopback", "wan": "20 ms RTT", "lan": "LAN-like: 0.5 ms RTT,
 SECTIONS = ["stream", "warm", "cold", "partial", "random", "ttfb", "demand", "seq", "huge",
             "coldrss", "sweep", "chunklat"]
 SWEEP_CHUNKS = ["64K", "256K", "1M", "4M", "16M"]
-SWEEP_CONNS = [1, 2, 4, 8]
+SWEEP_CONNS = [1, 2, 4, 6, 8]
 DEFAULT_CHUNK = "1M"  # used when streamfs --help names no default
-DEFAULT_CONNS = 4
+DEFAULT_CONNS = 6
 
 
 def log(msg):

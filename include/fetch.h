@@ -39,7 +39,7 @@ struct fetch_opts {
 	bool insecure;          /* skip TLS verification */
 };
 
-#define FETCH_DEFAULT_CONNECTIONS 4
+#define FETCH_DEFAULT_CONNECTIONS 6
 #define FETCH_DEFAULT_TIMEOUT_S 30
 #define FETCH_DEFAULT_STALL_S 10
 
