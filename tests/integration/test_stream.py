@@ -8,6 +8,7 @@ streamer's backlog.
 Run: python3 tests/integration/test_stream.py [test_name...]
 """
 
+import ctypes
 import json
 import os
 import subprocess
@@ -138,7 +139,6 @@ def test_complete_disk_never_needs_the_network():
 
 def resident(path, off, length):
     """Bytes of [off, off+length) of a file in the page cache (mincore)."""
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,

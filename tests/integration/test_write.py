@@ -677,11 +677,6 @@ def test_readonly_and_size_changes():
             fail("the local image's size changed")
 
 
-# ---------------------------------------------------------------------------
-# QEMU as the writer, then kill -9
-# ---------------------------------------------------------------------------
-
-
 def test_readonly_owner_sets_the_speed():
     """Under readonly the disk keeps its image's mode, as on a filesystem
     mounted read-only: the kernel asks write permission for user.*
@@ -715,6 +710,11 @@ def test_readonly_owner_sets_the_speed():
                 fail(f"the owner's open for writing on a readonly mount: rc {r.returncode}, "
                      f"{r.stderr_text.strip()[-200:]!r}; expected EROFS")
             expect_equal("readonly mount: read", h.pread_all(path, 0, t.size), t.read())
+
+
+# ---------------------------------------------------------------------------
+# QEMU as the writer, then kill -9
+# ---------------------------------------------------------------------------
 
 def qemu_io(path, cmds, extra=()):
     cmd = ["qemu-io", "-f", "raw", *extra]
