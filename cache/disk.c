@@ -672,6 +672,15 @@ static int store_chunk(struct cache_disk *d, uint64_t idx, const void *buf, bool
 	return r;
 }
 
+/* The source's last error text in buf, or fallback if it has none. */
+static const char *source_error(struct cache_disk *d, char *buf, size_t n, const char *fallback)
+{
+	buf[0] = '\0';
+	if (d->src.last_error)
+		d->src.last_error(d->src.opaque, buf, n);
+	return buf[0] ? buf : fallback;
+}
+
 /* Keeps a template change across remounts: the disk comes back failed,
  * with no request made, until `start` finds the template unchanged. */
 static void record_stale(struct cache_disk *d)
@@ -705,10 +714,9 @@ int cache_disk_recheck(struct cache_disk *d, char *why, size_t why_size)
 	 * check every fetch makes. */
 	r = d->src.fetch_range(d->src.opaque, &byte, 1, 0, &hint);
 	if (r < 0) {
-		char src_err[160] = "";
-		if (d->src.last_error)
-			d->src.last_error(d->src.opaque, src_err, sizeof(src_err));
-		snprintf(why, why_size, "%s", src_err[0] ? src_err : strerror(-r));
+		char src_err[160];
+		snprintf(why, why_size, "%s",
+			 source_error(d, src_err, sizeof(src_err), strerror(-r)));
 		return r;
 	}
 	LOCK_GUARD(&d->commit_lock);
@@ -734,7 +742,7 @@ int cache_disk_recheck(struct cache_disk *d, char *why, size_t why_size)
 void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 			    bool local)
 {
-	char src_err[160] = "";
+	char src_err[160];
 
 	if (local) {
 		disk_set_error(d, "cannot write local image: %s", strerror(-r));
@@ -742,11 +750,9 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 		d->local_error = true;
 		return;
 	}
-	if (d->src.last_error)
-		d->src.last_error(d->src.opaque, src_err, sizeof(src_err));
 	if (r == -ESTALE) {
 		disk_set_error(d, "template changed since the disk was added: %s",
-			       src_err[0] ? src_err : "validator differs");
+			       source_error(d, src_err, sizeof(src_err), "validator differs"));
 		pthread_mutex_lock(&d->lock);
 		bool news = !d->failed;
 		if (news) {
@@ -759,7 +765,7 @@ void note_fill_error(struct cache_disk *d, uint64_t first, uint64_t last, int r,
 		return;
 	}
 	disk_set_error(d, "cannot fetch chunks %" PRIu64 "-%" PRIu64 ": %s", first, last,
-		       src_err[0] ? src_err : strerror(-r));
+		       source_error(d, src_err, sizeof(src_err), strerror(-r)));
 }
 
 /* A success ends a transient error: the text shows current trouble. */
