@@ -1187,16 +1187,19 @@ def test_change_etag_is_template_change():
 def test_a_template_change_outlives_a_remount():
     """A template change is kept with the disk: after a remount the disk
     is in state error at once, with no request, and `start` asks the
-    template again: it fails while the template differs and clears the
-    error once the template is the one the disk was added from."""
+    template again: it changes nothing while the server cannot answer,
+    fails while the template differs, and clears the error once the
+    template is the one the disk was added from."""
     t, srv, img = setup("stale")
     present = (1 * MiB, 128 * KiB)
+    changed = [rule("change_etag", t)]
     with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
         read_ok(m, "stale", t, *present, "read before the template changes")
-        srv.set_rules([rule("change_etag", t)])
+        srv.set_rules(changed)
         read_eio(m, "stale", 3 * MiB, 4096, "read after the template changed")
     srv.mark()
-    with h.Mount(ws(), img, allow=TEMPLATE_CHANGED) as m:
+    allow = TEMPLATE_CHANGED + [r"HTTP 503", r"cannot fetch"]
+    with h.Mount(ws(), img, opts=("timeout=3",), allow=allow) as m:
         p = m.path("stale")
         x = xattrs(p)
         if x["state"] != "error" or "template changed" not in x["error"]:
@@ -1210,6 +1213,18 @@ def test_a_template_change_outlives_a_remount():
         if srv.records(f"/{t.name}"):
             fail(f"the remount or its reads asked the changed template:\n"
                  f"{show(srv.records(f'/{t.name}'))}")
+        # The server is down: start cannot tell, says so, and changes nothing.
+        srv.set_rules([rule("status", t, status=503)])
+        e, reply = h.control_send(m.mnt, "start stale\n")
+        if e != errno.EIO or "cannot check the template of stale" not in reply \
+                or "503" not in reply:
+            fail(f"start while the server answers 503: errno {e}, reply {reply!r}")
+        x = xattrs(p)
+        if x["state"] != "error" or "template changed" not in x["error"]:
+            fail(f"after a start that could not check: state {x['state']!r}, "
+                 f"error {x['error']!r}; expected the template change kept")
+        srv.set_rules(changed)
+        srv.mark()
         e, reply = h.control_send(m.mnt, "start stale\n")
         if e != errno.EIO or "still differs" not in reply:
             fail(f"start while the template differs: errno {e}, reply {reply!r}")
