@@ -48,6 +48,7 @@ int bitmap_load(struct bitmap *b, const uint8_t *bytes, size_t len)
  *   [0, 4096)      header slot 0
  *   [4096, 8192)   header slot 1
  *   [8192, ...)    present-bitmap, bitmap_bytes(chunks) bytes
+ *   then, with META_FLAG_WRITTEN, the written-bitmap, as many bytes
  * The slot with the higher generation and a valid checksum wins, so a
  * header update (written to the other slot) is atomic even if torn.
  *
@@ -80,7 +81,10 @@ int bitmap_load(struct bitmap *b, const uint8_t *bytes, size_t len)
 #define META_FLAG_MANIFEST 0x2u /* NAME.manifest holds per-chunk hashes */
 #define META_FLAG_STALE 0x4u    /* the template changed: the disk fails until
 				 * `start` finds the one it was added from */
-#define META_FLAGS_KNOWN (META_FLAG_COMPLETE | META_FLAG_MANIFEST | META_FLAG_STALE)
+#define META_FLAG_WRITTEN 0x8u  /* the written-bitmap follows the present-bitmap:
+				 * chunks changed through the mount (verify skips them) */
+#define META_FLAGS_KNOWN                                                                    \
+	(META_FLAG_COMPLETE | META_FLAG_MANIFEST | META_FLAG_STALE | META_FLAG_WRITTEN)
 
 /*
  * NAME.manifest, the disk's copy of its manifest, all little-endian:
@@ -117,6 +121,9 @@ static inline uint64_t meta_chunks(const struct meta *m)
 	return m->size / m->chunk_size + (m->size % m->chunk_size != 0);
 }
 
+/* Bytes of NAME.meta for m: the header slots and the bitmaps its flags say. */
+uint64_t meta_file_size(const struct meta *m);
+
 /*
  * Encodes m into one slot (out has META_SLOT_SIZE bytes; unused bytes are
  * zeroed).  Returns 0, -EINVAL (bad sizes, NULL url) or -ENAMETOOLONG.
@@ -141,6 +148,13 @@ uint32_t meta_crc32c(const void *data, size_t len);
  */
 int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_size)
 	__attribute__((warn_unused_result));
+
+/*
+ * Loads the written-bitmap of the disk m describes into w (initialised
+ * here; all clear when m lacks META_FLAG_WRITTEN).  Returns as meta_load.
+ */
+int meta_load_written(int fd, const struct meta *m, struct bitmap *w, char *why,
+		      size_t why_size) __attribute__((warn_unused_result));
 
 /*
  * Writes m, with its generation increased, into the slot not holding the

@@ -230,6 +230,7 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 	m.etag = (char *)(p->etag ? p->etag : "");
 	m.last_modified = (char *)(p->last_modified ? p->last_modified : "");
 	m.manifest_url = (char *)(p->manifest_url ? p->manifest_url : "");
+	m.flags = META_FLAG_WRITTEN;
 	if (p->manifest)
 		m.flags |= META_FLAG_MANIFEST;
 	r = meta_encode(&m, slot);
@@ -250,7 +251,7 @@ int cache_disk_create(int dirfd, const char *name, const struct cache_disk_param
 		r = -errno;
 		goto fail_img;
 	}
-	uint64_t total = META_BITMAP_OFFSET + bitmap_bytes(meta_chunks(&m));
+	uint64_t total = meta_file_size(&m);
 	r = full_pwrite(meta_fd, slot, sizeof(slot), 0);
 	if (r >= 0 && ftruncate(meta_fd, (off_t)total) < 0)
 		r = -errno;
@@ -299,6 +300,35 @@ static int open_direct(int dirfd, const char *img, const struct stat *st)
 		return -1;
 	}
 	return fd;
+}
+
+/*
+ * Disks added before written chunks were tracked get a written-bitmap,
+ * all clear (what was written before is not known), appended and synced
+ * before the header says it is there.  Best effort: without it the disk
+ * works as before, and verify counts its written chunks as differing.
+ */
+static void add_written_bitmap(struct cache_disk *d)
+{
+	static const uint8_t zeros[65536];
+	uint64_t off = meta_file_size(&d->meta);
+	int r = 0;
+
+	d->meta.flags |= META_FLAG_WRITTEN;
+	for (uint64_t end = meta_file_size(&d->meta); r >= 0 && off < end;) {
+		size_t n = (size_t)MIN(end - off, (uint64_t)sizeof(zeros));
+		r = full_pwrite(d->meta_fd, zeros, n, off);
+		off += n;
+	}
+	if (r >= 0 && fdatasync(d->meta_fd) < 0)
+		r = -errno;
+	if (r >= 0)
+		r = meta_store_header(d->meta_fd, &d->meta);
+	if (r < 0) {
+		d->meta.flags &= ~META_FLAG_WRITTEN;
+		log_warn("disk %s: cannot add the record of written chunks to its metadata: %s; "
+			 "verify counts written chunks as differing", d->name, strerror(-r));
+	}
 }
 
 int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *why,
@@ -375,10 +405,16 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 		log_warn("disk %s: its template changed before this mount; absent data fail "
 			 "with EIO until start finds the template it was added from", name);
 	}
+	if (!(d->meta.flags & META_FLAG_WRITTEN))
+		add_written_bitmap(d);
 	/* Disks added before their metadata was allocated at add: best
 	 * effort (a full filesystem still mounts). */
-	if (meta_allocate(d->meta_fd, META_BITMAP_OFFSET + bitmap_bytes(d->nchunks)) < 0)
+	if (meta_allocate(d->meta_fd, meta_file_size(&d->meta)) < 0)
 		log_warn("disk %s: cannot allocate its metadata file: %m", name);
+	r = meta_load_written(d->meta_fd, &d->meta, &d->written, why, why_size);
+	if (r < 0)
+		goto fail;
+	d->track_written = d->meta.flags & META_FLAG_WRITTEN;
 	r = bitmap_init(&d->dirty, DIV_ROUND_UP(d->nchunks, DIRTY_PAGE_CHUNKS));
 	if (r >= 0)
 		r = bitmap_init(&d->zero, d->nchunks);
@@ -395,6 +431,7 @@ int cache_disk_open(int dirfd, const char *name, struct cache_disk **ret, char *
 
 fail:
 	bitmap_destroy(&d->present);
+	bitmap_destroy(&d->written);
 	bitmap_destroy(&d->dirty);
 	bitmap_destroy(&d->zero);
 	meta_clear(&d->meta);
@@ -429,6 +466,7 @@ void cache_disk_free(struct cache_disk *d)
 	pthread_mutex_destroy(&d->commit_lock);
 	pthread_mutex_destroy(&d->lock);
 	bitmap_destroy(&d->present);
+	bitmap_destroy(&d->written);
 	bitmap_destroy(&d->dirty);
 	bitmap_destroy(&d->zero);
 	meta_clear(&d->meta);
@@ -1717,10 +1755,14 @@ int cache_disk_sync(struct cache_disk *d)
 	bool all_present;
 	int r = 0;
 
+	/* A dirty page is saved from both bitmaps: present, then written. */
+	const size_t nmaps = d->track_written ? 2 : 1;
+	const struct bitmap *maps[2] = {&d->present, &d->written};
+
 	pthread_mutex_lock(&d->lock);
 	all_present = d->present.count == d->nchunks;
 	if (d->dirty.count) {
-		copy = malloc(d->dirty.count * DIRTY_PAGE_BYTES);
+		copy = malloc(d->dirty.count * nmaps * DIRTY_PAGE_BYTES);
 		pages = malloc(d->dirty.count * sizeof(*pages));
 		if (!copy || !pages) {
 			pthread_mutex_unlock(&d->lock);
@@ -1730,15 +1772,19 @@ int cache_disk_sync(struct cache_disk *d)
 		     p = bitmap_next_set(&d->dirty, (uint64_t)p + 1)) {
 			uint64_t start = (uint64_t)p * DIRTY_PAGE_BYTES;
 			uint64_t n = MIN((uint64_t)DIRTY_PAGE_BYTES, bm_bytes - start);
-			memcpy(copy + ndirty * DIRTY_PAGE_BYTES, d->present.bits + start, n);
+			for (size_t k = 0; k < nmaps; k++)
+				memcpy(copy + (ndirty * nmaps + k) * DIRTY_PAGE_BYTES,
+				       maps[k]->bits + start, n);
 			pages[ndirty++] = (uint64_t)p;
 			bitmap_clear(&d->dirty, (uint64_t)p);
 		}
 	}
 	pthread_mutex_unlock(&d->lock);
 
-	/* Data first: every bit in the copy was set after its chunk's write
-	 * returned, so this fdatasync makes all of them true on disk.  It
+	/* Data first: every present bit in the copy was set after its
+	 * chunk's write returned, so this fdatasync makes all of them true
+	 * on disk (written bits are set before, which only spares verify a
+	 * comparison).  It
 	 * runs even when no write was counted: cheap on a clean file, and an
 	 * fsync(2) must never depend on bookkeeping to be honoured. */
 	if (fdatasync(d->img_fd) < 0) {
@@ -1747,11 +1793,11 @@ int cache_disk_sync(struct cache_disk *d)
 		return r;
 	}
 	atomic_store(&d->writes_synced, writes);
-	for (uint64_t k = 0; r >= 0 && k < ndirty; k++) {
-		uint64_t start = pages[k] * DIRTY_PAGE_BYTES;
+	for (uint64_t k = 0; r >= 0 && k < ndirty * nmaps; k++) {
+		uint64_t start = pages[k / nmaps] * DIRTY_PAGE_BYTES;
 		r = full_pwrite(d->meta_fd, copy + k * DIRTY_PAGE_BYTES,
 				MIN((uint64_t)DIRTY_PAGE_BYTES, bm_bytes - start),
-				META_BITMAP_OFFSET + start);
+				META_BITMAP_OFFSET + (k % nmaps) * bm_bytes + start);
 	}
 	if (r >= 0 && ndirty && fdatasync(d->meta_fd) < 0)
 		r = -errno;

@@ -110,10 +110,15 @@ struct cache_disk {
 				      * stream.lock, before lock */
 	struct meta meta;
 
-	pthread_mutex_t lock;       /* protects: present, dirty, zero, inflight,
-				     * failed, stale, local_error, error; order: last */
+	pthread_mutex_t lock;       /* protects: present, written, dirty, zero,
+				     * inflight, failed, stale, local_error,
+				     * error; order: last */
 	pthread_cond_t fill_cond;   /* an inflight entry finished */
 	struct bitmap present;      /* guarded by lock */
+	struct bitmap written;      /* chunks changed through the mount, ever
+				     * (only while track_written); guarded */
+	bool track_written;         /* the meta file has a written-bitmap;
+				     * set at open */
 	struct bitmap dirty;        /* bitmap pages changed since last commit */
 	struct bitmap zero;         /* chunks stored as holes since open: they
 				     * read as zeros until written (not saved);

@@ -133,9 +133,10 @@ int disk_verify_run(struct cache_disk *d, const uint8_t *buf, uint64_t a, uint64
 	return 0;
 }
 
-int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint64_t *ret_checked)
+int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint64_t *ret_checked,
+			  uint64_t *ret_written)
 {
-	uint64_t checked = 0;
+	uint64_t checked = 0, written = 0;
 	int64_t bad = 0;
 
 	if (d->manifest_fd < 0)
@@ -147,12 +148,27 @@ int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint
 		uint64_t mismatch;
 		pthread_mutex_lock(&d->lock);
 		bool present = bitmap_get(&d->present, i);
+		bool changed = bitmap_get(&d->written, i);
 		pthread_mutex_unlock(&d->lock);
 		if (!present)
 			continue;
+		if (changed) {
+			written++;
+			continue;
+		}
 		int r = full_pread(d->img_fd, buf, disk_chunk_len(d, i), i << d->chunk_shift);
 		if (r >= 0)
 			r = disk_verify_run(d, buf, i, i, &mismatch);
+		if (r == -EILSEQ) {
+			/* Written while it was read (the bit is set first)? */
+			pthread_mutex_lock(&d->lock);
+			changed = bitmap_get(&d->written, i);
+			pthread_mutex_unlock(&d->lock);
+			if (changed) {
+				written++;
+				continue;
+			}
+		}
 		if (r == -EILSEQ) {
 			if ((size_t)bad < nout)
 				out[bad] = i << d->chunk_shift;
@@ -163,5 +179,6 @@ int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint
 		checked++;
 	}
 	*ret_checked = checked;
+	*ret_written = written;
 	return bad;
 }

@@ -144,6 +144,40 @@ int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 	return 0;
 }
 
+uint64_t meta_file_size(const struct meta *m)
+{
+	uint64_t bytes = bitmap_bytes(meta_chunks(m));
+
+	return META_BITMAP_OFFSET + (m->flags & META_FLAG_WRITTEN ? 2 * bytes : bytes);
+}
+
+/* Reads the bitmap of nbits bits stored at off into b (initialised here). */
+static int load_bitmap(int fd, uint64_t off, uint64_t nbits, struct bitmap *b, const char *what,
+		       char *why, size_t why_size)
+{
+	uint64_t nbytes = bitmap_bytes(nbits);
+	int r = bitmap_init(b, nbits);
+
+	if (r < 0) {
+		snprintf(why, why_size, "cannot hold the %s: %s", what, strerror(-r));
+		return r;
+	}
+	_cleanup_free_ uint8_t *bytes = malloc(nbytes ? nbytes : 1);
+	if (!bytes) {
+		snprintf(why, why_size, "cannot load %s: %s", what, strerror(ENOMEM));
+		bitmap_destroy(b);
+		return -ENOMEM;
+	}
+	r = full_pread(fd, bytes, nbytes, off);
+	if (r >= 0)
+		r = bitmap_load(b, bytes, nbytes);
+	if (r < 0) {
+		snprintf(why, why_size, "cannot load %s: %s", what, strerror(-r));
+		bitmap_destroy(b);
+	}
+	return r;
+}
+
 int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_size)
 {
 	uint8_t slot[2][META_SLOT_SIZE];
@@ -194,37 +228,35 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 		return -EBADMSG;
 	}
 
-	uint64_t nbytes = bitmap_bytes(meta_chunks(&best));
-	if ((uint64_t)st.st_size < META_BITMAP_OFFSET + nbytes) {
-		snprintf(why, why_size, "metadata truncated (bitmap needs %llu bytes, file has %lld)",
-			 (unsigned long long)(META_BITMAP_OFFSET + nbytes), (long long)st.st_size);
+	if ((uint64_t)st.st_size < meta_file_size(&best)) {
+		snprintf(why, why_size, "metadata truncated (its bitmaps need %llu bytes, file has %lld)",
+			 (unsigned long long)meta_file_size(&best), (long long)st.st_size);
 		meta_clear(&best);
 		return -EBADMSG;
 	}
-	r = bitmap_init(b, meta_chunks(&best));
+	r = load_bitmap(fd, META_BITMAP_OFFSET, meta_chunks(&best), b, "present-bitmap", why,
+			why_size);
 	if (r < 0) {
-		snprintf(why, why_size, "cannot hold the present-bitmap: %s", strerror(-r));
-		meta_clear(&best);
-		return r;
-	}
-	_cleanup_free_ uint8_t *bytes = malloc(nbytes ? nbytes : 1);
-	if (!bytes) {
-		snprintf(why, why_size, "cannot load present-bitmap: %s", strerror(ENOMEM));
-		bitmap_destroy(b);
-		meta_clear(&best);
-		return -ENOMEM;
-	}
-	r = full_pread(fd, bytes, nbytes, META_BITMAP_OFFSET);
-	if (r >= 0)
-		r = bitmap_load(b, bytes, nbytes);
-	if (r < 0) {
-		snprintf(why, why_size, "cannot load present-bitmap: %s", strerror(-r));
-		bitmap_destroy(b);
 		meta_clear(&best);
 		return r;
 	}
 	*ret = best;
 	return 0;
+}
+
+int meta_load_written(int fd, const struct meta *m, struct bitmap *w, char *why,
+		      size_t why_size)
+{
+	uint64_t chunks = meta_chunks(m);
+
+	if (!(m->flags & META_FLAG_WRITTEN)) {
+		int r = bitmap_init(w, chunks);
+		if (r < 0)
+			snprintf(why, why_size, "cannot hold the written-bitmap: %s", strerror(-r));
+		return r;
+	}
+	return load_bitmap(fd, META_BITMAP_OFFSET + bitmap_bytes(chunks), chunks, w,
+			   "written-bitmap", why, why_size);
 }
 
 int meta_store_header(int fd, struct meta *m)

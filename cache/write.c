@@ -121,10 +121,18 @@ static int disk_modify(struct cache_disk *d, uint64_t off, size_t len, disk_appl
 		if (r < 0)
 			goto finish;
 	}
-	/* Reads of these chunks must come from the image from now on. */
+	/* Reads of these chunks must come from the image from now on.  They
+	 * count as written from before the change begins (verify compares a
+	 * chunk only if it is still unwritten after reading it), and whether
+	 * or not it succeeds: a bit saved early only spares a comparison. */
 	pthread_mutex_lock(&d->lock);
-	for (uint64_t i = first; i <= last; i++)
+	for (uint64_t i = first; i <= last; i++) {
 		bitmap_clear(&d->zero, i);
+		if (d->track_written && !bitmap_get(&d->written, i)) {
+			bitmap_set(&d->written, i);
+			bitmap_set(&d->dirty, i / DIRTY_PAGE_CHUNKS);
+		}
+	}
 	pthread_mutex_unlock(&d->lock);
 	r = apply(d, arg, off, len);
 	atomic_fetch_add(&d->writes, 1);

@@ -261,15 +261,21 @@ int fs_control_write(const char *buf, size_t size, struct fuse_file_info *fi)
 		return reply(s, (int)size, "%s\n", map);
 	}
 	case CONTROL_VERIFY: {
-		uint64_t bad_off[8], checked = 0;
-		int64_t bad = cache_disk_verify(md->disk, bad_off, ARRAY_SIZE(bad_off), &checked);
+		uint64_t bad_off[8], checked = 0, written = 0;
+		int64_t bad = cache_disk_verify(md->disk, bad_off, ARRAY_SIZE(bad_off), &checked,
+						&written);
 		if (bad == -ENOENT)
 			return reply(s, -EINVAL, "error: verify: disk %s has no manifest\n", md->name);
 		if (bad < 0)
 			return reply(s, (int)bad, "error: verify: cannot read %s: %s\n", md->name,
 				     strerror((int)-bad));
-		if (bad == 0)
+		if (bad == 0 && written == 0)
 			return reply(s, (int)size, "ok %" PRIu64 " chunks verified\n", checked);
+		if (bad == 0)
+			return reply(s, (int)size,
+				     "ok %" PRIu64 " chunks verified, %" PRIu64
+				     " not compared (written through the mount)\n",
+				     checked, written);
 		char list[8 * 24] = "";
 		size_t used = 0;
 		for (size_t i = 0; i < MIN((size_t)bad, ARRAY_SIZE(bad_off)); i++)

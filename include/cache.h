@@ -264,14 +264,17 @@ int64_t cache_disk_lseek(struct cache_disk *d, uint64_t off, int whence);
 void cache_disk_map(struct cache_disk *d, char *out, unsigned cells);
 
 /*
- * Re-hashes every present chunk that the manifest describes and compares.
- * Returns the number of mismatching chunks (>= 0) and writes up to nout
- * of their offsets to out, -ENOENT when the disk has no manifest, or
- * another -errno.  Reads the whole local image: slow, call from a thread
- * that may block.
+ * Re-hashes every present chunk that the manifest describes and compares,
+ * but for those changed through the mount (their count goes to
+ * *ret_written; a disk added by a streamfs without the written-bitmap
+ * knows only those written since).  Returns the number of mismatching chunks (>= 0) and
+ * writes up to nout of their offsets to out, -ENOENT when the disk has no
+ * manifest, or another -errno.  Reads the whole local image: slow, call
+ * from a thread that may block.
  */
 int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout,
-			  uint64_t *ret_checked) __attribute__((warn_unused_result));
+			  uint64_t *ret_checked, uint64_t *ret_written)
+	__attribute__((warn_unused_result));
 
 /* True when the disk has a manifest. */
 bool cache_disk_has_manifest(const struct cache_disk *d);

@@ -3,13 +3,15 @@
 the start as holes, never fetched, and reported by SEEK_HOLE/SEEK_DATA;
 every fetched chunk is checked, a mismatch is fetched once more and then
 puts the disk in state error; bad manifests are refused at add; verify
-finds corrupted local data.
+finds corrupted local data and leaves out the chunks written through the
+mount.
 
 Run: python3 tests/integration/test_manifest.py [test_name...]
 """
 
 import errno
 import os
+import signal
 import subprocess
 
 import harness as h
@@ -143,6 +145,132 @@ def test_mismatch_is_refetched_once_then_error():
             f.seek(2 * CHUNK)
             if f.read(CHUNK) != bytes(CHUNK):
                 fail("bytes of a mismatching chunk reached the local image")
+
+
+META_FLAG_WRITTEN = 0x8
+
+
+def meta_header(buf):
+    """(flags, size, chunk size) of NAME.meta's newest valid header slot
+    (format in cache/cache_i.h)."""
+    best = None
+    for o in (0, h.META_SLOT):
+        s = buf[o:o + h.META_SLOT]
+        hlen = int.from_bytes(s[12:16], "little")
+        if s[:8] != h.META_MAGIC or not 64 <= hlen <= h.META_SLOT:
+            continue
+        if h.crc32c(s[:56] + bytes(4) + s[60:hlen]) != int.from_bytes(s[56:60], "little"):
+            continue
+        gen = int.from_bytes(s[16:24], "little")
+        if best is None or gen > best[0]:
+            best = (gen, int.from_bytes(s[36:40], "little"), int.from_bytes(s[24:32], "little"),
+                    int.from_bytes(s[32:36], "little"))
+    if best is None:
+        fail("NAME.meta has no valid header slot: format changed, update the test")
+    return best[1:]
+
+
+def forget_written(path):
+    """Makes NAME.meta what a streamfs without the written-bitmap left: the
+    flag cleared in every valid header slot, the file cut after the
+    present-bitmap."""
+    with open(path, "r+b") as f:
+        buf = bytearray(f.read())
+        _, size, chunk = meta_header(buf)
+        for o in (0, h.META_SLOT):
+            hlen = int.from_bytes(buf[o + 12:o + 16], "little")
+            if buf[o:o + 8] != h.META_MAGIC or not 64 <= hlen <= h.META_SLOT:
+                continue
+            flags = int.from_bytes(buf[o + 36:o + 40], "little") & ~META_FLAG_WRITTEN
+            buf[o + 36:o + 40] = flags.to_bytes(4, "little")
+            buf[o + 56:o + 60] = bytes(4)
+            buf[o + 56:o + 60] = h.crc32c(buf[o:o + hlen]).to_bytes(4, "little")
+        f.seek(0)
+        f.write(buf[:h.META_BITMAP_OFFSET + (-(-size // chunk) + 7) // 8])
+        f.truncate()
+
+
+def expect_verify(m, name, want, what):
+    err, reply = control(m.mnt, f"verify {name}\n")
+    if reply != want:
+        fail(f"verify {what}: errno {err}, reply {reply!r}; expected {want!r}")
+
+
+def test_verify_leaves_out_written_chunks():
+    """Chunks changed through the mount (written or zeroed) differ from the
+    template by design: verify does not compare them, says how many, and
+    the record of them survives a kill -9 after fsync.  A disk from a
+    streamfs without that record gets one at mount, empty."""
+    tpath = sparse_template("wr.img", "dddzdddd")  # and a short 9th chunk
+    make_manifest(tpath)
+    with h.Nginx(ws()) as ng:
+        img = ws().mkdir("images", unique=True)
+        rc, out, err = h.ctl("add", img, "wr", ng.url("wr.img"), "--manifest",
+                             ng.url("wr.img.manifest"))
+        if rc != 0:
+            fail(f"add --manifest failed: {err}")
+        meta = os.path.join(img, "wr.meta")
+        flags, _, _ = meta_header(open(meta, "rb").read())
+        if not flags & META_FLAG_WRITTEN:
+            fail(f"a new disk's metadata lacks the written-bitmap: flags {flags:#x}")
+        m = h.Mount(ws(), img).start()
+        disk = m.path("wr")
+        fd = os.open(disk, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * 100, CHUNK + 5)              # into an absent chunk
+            os.pwrite(fd, os.urandom(CHUNK), 3 * CHUNK)       # a whole zero chunk
+            p = h.run(["fallocate", "--punch-hole", "-o", str(5 * CHUNK), "-l", str(CHUNK),
+                       disk], timeout=30)
+            if p.returncode != 0:
+                fail(f"fallocate --punch-hole through the mount: {p.stderr_text.strip()}")
+            read_all(disk)
+            size = os.path.getsize(disk)
+            h.wait_until(lambda: int(xattr(disk, "cached")) == size, 30, "wr: every chunk stored")
+            os.fsync(fd)
+            expect_verify(m, "wr", "ok 6 chunks verified, 3 not compared "
+                          "(written through the mount)\n", "after the writes")
+            os.kill(m.pid, signal.SIGKILL)
+            if m.wait_exit(15) is None:
+                fail(f"streamfs pid {m.pid} survived SIGKILL for 15 s")
+        finally:
+            try:
+                os.close(fd)  # its flush fails once the daemon is dead
+            except OSError:
+                pass
+        h.run(["fusermount3", "-u", "-z", m.mnt], timeout=30)
+        m.stop(check=True, expect_rc=-signal.SIGKILL)
+        with h.Mount(ws(), img) as m:
+            expect_verify(m, "wr", "ok 6 chunks verified, 3 not compared "
+                          "(written through the mount)\n", "after kill -9 and a remount")
+        # The local image goes bad in a written chunk and in another one:
+        # only the other one is reported.
+        with open(os.path.join(img, "wr.img"), "r+b") as f:
+            for c in (1, 2):
+                f.seek(c * CHUNK + 1000)
+                f.write(b"\xff\xfe")
+        allow = [r"differ from the manifest"]
+        with h.Mount(ws(), img, allow=allow) as m:
+            expect_verify(m, "wr", f"error: verify: 1 of 6 present chunks of wr differ from "
+                          f"the manifest, at offsets {2 * CHUNK}\n", "after damage")
+        # Older metadata: the record starts empty, so the chunks written
+        # before it count as differing; those written since do not.
+        forget_written(meta)
+        with h.Mount(ws(), img, allow=allow) as m:
+            buf = open(meta, "rb").read()
+            flags, size, chunk = meta_header(buf)
+            want = h.META_BITMAP_OFFSET + 2 * ((-(-size // chunk) + 7) // 8)
+            if not flags & META_FLAG_WRITTEN or len(buf) != want:
+                fail(f"after a mount of older metadata: flags {flags:#x}, {len(buf)} bytes; "
+                     f"expected flag {META_FLAG_WRITTEN:#x} and {want} bytes")
+            offs = " ".join(str(c * CHUNK) for c in (1, 2, 3, 5))
+            expect_verify(m, "wr", f"error: verify: 4 of 9 present chunks of wr differ from "
+                          f"the manifest, at offsets {offs}\n", "of older metadata")
+            with open(m.path("wr"), "r+b") as f:
+                f.seek(5 * CHUNK)
+                f.write(b"again")
+            offs = " ".join(str(c * CHUNK) for c in (1, 2, 3))
+            expect_verify(m, "wr", f"error: verify: 3 of 8 present chunks of wr differ from "
+                          f"the manifest, at offsets {offs}\n", "after a write since")
 
 
 def test_bad_manifests_refused_at_add():

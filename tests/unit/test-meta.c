@@ -605,6 +605,54 @@ static void test_meta__load(void **state)
 	close(fd);
 }
 
+/* The written-bitmap follows the present-bitmap when the flag says so. */
+static void test_meta__load_written(void **state)
+{
+	/* bits 3 and 5 of base's 11 chunks */
+	static const uint8_t written_bitmap[2] = {0x28, 0x00};
+	uint8_t slots[2 * META_SLOT_SIZE] = {0};
+	struct meta with = base, m = {0};
+	struct bitmap b = {0}, w = {0};
+	char why[256] = "";
+	int fd;
+
+	(void)state;
+	/* Without the flag: no written chunk known, and no bytes needed. */
+	assert_int_equal(meta_file_size(&base), META_BITMAP_OFFSET + 2);
+	fd = make_file();
+	assert_int_equal(meta_load(fd, &m, &b, why, sizeof(why)), 0);
+	assert_int_equal(meta_load_written(fd, &m, &w, why, sizeof(why)), 0);
+	assert_int_equal(w.nbits, 11);
+	assert_int_equal(w.count, 0);
+	bitmap_destroy(&b);
+	bitmap_destroy(&w);
+	meta_clear(&m);
+	close(fd);
+
+	with.flags = META_FLAG_WRITTEN;
+	assert_int_equal(meta_file_size(&with), META_BITMAP_OFFSET + 4);
+	fd = tmp_fd();
+	assert_int_equal(meta_encode(&with, slots), 0);
+	assert_int_equal(full_pwrite(fd, slots, sizeof(slots), 0), 0);
+	assert_int_equal(full_pwrite(fd, base_bitmap, sizeof(base_bitmap), META_BITMAP_OFFSET), 0);
+	/* One byte short of the written-bitmap: truncated, named as such. */
+	assert_int_equal(full_pwrite(fd, written_bitmap, 1, META_BITMAP_OFFSET + 2), 0);
+	assert_int_equal(meta_load(fd, &m, &b, why, sizeof(why)), -EBADMSG);
+	assert_non_null(strstr(why, "truncated"));
+	assert_int_equal(full_pwrite(fd, written_bitmap, 2, META_BITMAP_OFFSET + 2), 0);
+	assert_int_equal(meta_load(fd, &m, &b, why, sizeof(why)), 0);
+	assert_int_equal(m.flags, META_FLAG_WRITTEN);
+	assert_int_equal(b.count, 3);
+	assert_int_equal(meta_load_written(fd, &m, &w, why, sizeof(why)), 0);
+	assert_int_equal(w.count, 2);
+	for (uint64_t k = 0; k < 11; k++)
+		assert_int_equal(bitmap_get(&w, k), k == 3 || k == 5);
+	bitmap_destroy(&b);
+	bitmap_destroy(&w);
+	meta_clear(&m);
+	close(fd);
+}
+
 static void test_meta__store_header_alternates(void **state)
 {
 	/* generation after each store, and where it must land */
@@ -878,6 +926,7 @@ int main(void)
 		cmocka_unit_test(test_meta__decode_rejects_overlong),
 		cmocka_unit_test(test_meta__chunks),
 		cmocka_unit_test(test_meta__load),
+		cmocka_unit_test(test_meta__load_written),
 		cmocka_unit_test(test_meta__store_header_alternates),
 		cmocka_unit_test(test_meta__load_falls_back),
 		cmocka_unit_test(test_meta__load_rejects),
