@@ -1,7 +1,7 @@
 set terminal pngcairo size 900,560 font 'sans,11'
 set output 'sweep-chunk.png'
 set title 'streamfs streaming throughput vs chunk size (1 GiB random template)'
-set xlabel 'chunk size (connections=4)'
+set xlabel 'chunk size (connections=6)'
 set ylabel 'MiB/s (log scale)'
 set grid
 set key bottom right
