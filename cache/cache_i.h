@@ -133,7 +133,8 @@ int meta_encode(const struct meta *m, uint8_t *out) __attribute__((warn_unused_r
 /*
  * Decodes one slot of len bytes.  Returns 0 and fills *ret (caller clears
  * it), -EBADMSG (bad magic, checksum, lengths or fields) or
- * -EPROTONOSUPPORT (a version this build does not know).
+ * -EPROTONOSUPPORT (sealed by a newer streamfs: a version or flags this
+ * build does not know).
  */
 int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 	__attribute__((warn_unused_result));

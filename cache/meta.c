@@ -6,6 +6,7 @@
  * serialise updates of one file.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,12 +114,13 @@ int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 	if (meta_crc32c(tmp, total) != get_le32(in + 56))
 		return -EBADMSG;
 	m.version = get_le32(in + 8);
-	if (m.version != META_VERSION)
+	m.flags = get_le32(in + 36);
+	/* Sealed by a newer streamfs: what else changed is not known here. */
+	if (m.version != META_VERSION || (m.flags & ~META_FLAGS_KNOWN))
 		return -EPROTONOSUPPORT;
 	m.generation = get_le64(in + 16);
 	m.size = get_le64(in + 24);
 	m.chunk_size = get_le32(in + 32);
-	m.flags = get_le32(in + 36);
 	m.speed = get_le64(in + 40);
 	size_t ul = get_le16(in + 48), el = get_le16(in + 50), ll = get_le16(in + 52),
 	       ml = get_le16(in + 54);
@@ -127,7 +129,7 @@ int meta_decode(const uint8_t *in, size_t len, struct meta *ret)
 		return -EBADMSG;
 	/* Sizes must fit off_t: the image is a plain file of that size. */
 	if (m.size == 0 || m.size > (uint64_t)INT64_MAX || !chunk_size_valid(m.chunk_size) ||
-	    (m.flags & ~META_FLAGS_KNOWN) || get_le32(in + 60))
+	    get_le32(in + 60))
 		return -EBADMSG;
 	const uint8_t *s = in + META_FIXED_SIZE;
 	if (memchr(s, '\0', total - META_FIXED_SIZE))
@@ -205,9 +207,18 @@ int meta_load(int fd, struct meta *ret, struct bitmap *b, char *why, size_t why_
 		if (r == -EPROTONOSUPPORT) {
 			/* A newer streamfs wrote this disk (the checksum held):
 			 * never fall back to the older slot and write beside it. */
+			uint32_t version = get_le32(slot[i] + 8), flags = get_le32(slot[i] + 36);
 			meta_clear(&best);
-			snprintf(why, why_size,
-				 "unknown metadata version (this build reads version %u)", META_VERSION);
+			if (version != META_VERSION)
+				snprintf(why, why_size,
+					 "unknown metadata version %" PRIu32
+					 " (this build reads version %u)",
+					 version, META_VERSION);
+			else
+				snprintf(why, why_size,
+					 "unknown metadata flags %#" PRIx32
+					 ", from a newer streamfs (this build knows %#x)",
+					 flags & ~META_FLAGS_KNOWN, META_FLAGS_KNOWN);
 			return r;
 		}
 		if (r < 0)

@@ -804,31 +804,48 @@ def set_version(path, version):
         f.write(buf)
 
 
+def set_flag(path, flag):
+    """Sets a flag bit in every header slot, resealed: a newer streamfs's
+    header, to this build."""
+    with open(path, "r+b") as f:
+        buf = bytearray(f.read())
+        for o in header_slots(buf):
+            hdr_len = int.from_bytes(buf[o + 12:o + 16], "little")
+            flags = int.from_bytes(buf[o + 36:o + 40], "little") | flag
+            buf[o + 36:o + 40] = flags.to_bytes(4, "little")
+            buf[o + 56:o + 60] = bytes(4)
+            crc = crc32c(bytes(buf[o:o + hdr_len]))
+            buf[o + 56:o + 60] = crc.to_bytes(4, "little")
+        f.seek(0)
+        f.write(buf)
+
+
 def test_corrupt_metadata_disk_not_served():
     t = template("small.img")
     t3 = template("odd3m.img")
     img = image_dir()
-    for name in ("good", "badmagic", "trunc", "badver"):
+    bad = ("badmagic", "trunc", "badver", "newflag")
+    for name in ("good",) + bad:
         h.ctl_add(img, name, "file://" + (t3.path if name == "good" else t.path))
     corrupt_magic(os.path.join(img, "badmagic.meta"))
     os.truncate(os.path.join(img, "trunc.meta"), 100)
     set_version(os.path.join(img, "badver.meta"), 99)
-    sums = {n: h.sha256_file(os.path.join(img, n + ".meta"))
-            for n in ("badmagic", "trunc", "badver")}
-    with h.Mount(ws(), img, allow=[r"badmagic|trunc|badver"]) as m:
+    set_flag(os.path.join(img, "newflag.meta"), 0x80000000)
+    sums = {n: h.sha256_file(os.path.join(img, n + ".meta")) for n in bad}
+    with h.Mount(ws(), img, allow=[r"badmagic|trunc|badver|newflag"]) as m:
         listing = h.listdir_set(m.mnt)
         if "good" not in listing:
             fail(f"the good disk is not served: {sorted(listing)}")
-        served = {"badmagic", "trunc", "badver"} & listing
+        served = set(bad) & listing
         if served:
             fail(f"disks with corrupt metadata are served: {sorted(served)}")
-        for n in ("badmagic", "trunc", "badver"):
+        for n in bad:
             if os.path.exists(m.path(n)):
                 fail(f"{n} is reachable by path in the mount")
         expect_cmp(m.path("good"), t3)
         err = m.stderr()
         for n, why in (("badmagic", r"magic|not a streamfs"), ("trunc", r"truncat"),
-                       ("badver", r"version")):
+                       ("badver", r"version 99"), ("newflag", r"flags 0x80000000.*newer")):
             lines = [l for l in err.splitlines() if n in l]
             if not lines:
                 fail(f"stderr does not name the corrupt disk {n!r}:\n{err}")

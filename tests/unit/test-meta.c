@@ -354,14 +354,19 @@ static void test_meta__decode_rejects_fields(void **state)
 		{"chunk 65537", OFF_CHUNK, 4, 65537, true, -EBADMSG},
 		{"chunk 3<<16", OFF_CHUNK, 4, 3u << 16, true, -EBADMSG},
 		{"chunk 16M", OFF_CHUNK, 4, 16u << 20, true, 0},
-		/* flags: any bit outside META_FLAGS_KNOWN */
-		{"lowest unknown flag", OFF_FLAGS, 4, LOWEST_UNKNOWN_FLAG, true, -EBADMSG},
-		{"flag 0x80000000", OFF_FLAGS, 4, 0x80000000u, true, -EBADMSG},
-		{"all unknown flags", OFF_FLAGS, 4, (uint32_t)~META_FLAGS_KNOWN, true, -EBADMSG},
-		{"flags 0xffffffff", OFF_FLAGS, 4, 0xffffffffu, true, -EBADMSG},
+		/* flags: any bit outside META_FLAGS_KNOWN, sealed, is a newer
+		 * streamfs's; unsealed, corruption */
+		{"lowest unknown flag", OFF_FLAGS, 4, LOWEST_UNKNOWN_FLAG, true, -EPROTONOSUPPORT},
+		{"flag 0x80000000", OFF_FLAGS, 4, 0x80000000u, true, -EPROTONOSUPPORT},
+		{"all unknown flags", OFF_FLAGS, 4, (uint32_t)~META_FLAGS_KNOWN, true,
+		 -EPROTONOSUPPORT},
+		{"flags 0xffffffff", OFF_FLAGS, 4, 0xffffffffu, true, -EPROTONOSUPPORT},
+		{"lowest unknown flag, not resealed", OFF_FLAGS, 4, LOWEST_UNKNOWN_FLAG, false,
+		 -EBADMSG},
 		{"flag COMPLETE", OFF_FLAGS, 4, META_FLAG_COMPLETE, true, 0},
 		{"flag MANIFEST", OFF_FLAGS, 4, META_FLAG_MANIFEST, true, 0},
 		{"flag STALE", OFF_FLAGS, 4, META_FLAG_STALE, true, 0},
+		{"flag WRITTEN", OFF_FLAGS, 4, META_FLAG_WRITTEN, true, 0},
 		{"all known flags", OFF_FLAGS, 4, META_FLAGS_KNOWN, true, 0},
 		/* header length */
 		{"length 0", OFF_LENGTH, 4, 0, false, -EBADMSG},
@@ -743,7 +748,7 @@ static void test_meta__load_falls_back(void **state)
 /* Files that cannot be served: the error and a reason naming the problem. */
 static void test_meta__load_rejects(void **state)
 {
-	enum { TRUNCATE, ZERO_SLOTS, CORRUPT_BOTH, VERSION_BOTH, PADDING };
+	enum { TRUNCATE, ZERO_SLOTS, CORRUPT_BOTH, VERSION_BOTH, FLAGS_NEWEST, PADDING };
 	static const struct {
 		const char *what;
 		int action;
@@ -759,6 +764,9 @@ static void test_meta__load_rejects(void **state)
 		{"no magic", ZERO_SLOTS, 0, -EBADMSG, "magic"},
 		{"both slots corrupt", CORRUPT_BOTH, 0, -EBADMSG, "corrupt"},
 		{"unknown version", VERSION_BOTH, 2, -EPROTONOSUPPORT, "version"},
+		/* never the older slot beside a newer streamfs's header */
+		{"unknown flag in the newest slot", FLAGS_NEWEST, LOWEST_UNKNOWN_FLAG,
+		 -EPROTONOSUPPORT, "newer"},
 		{"bitmap padding set", PADDING, 0, -EBADMSG, "bitmap"},
 	};
 	int bad = 0;
@@ -796,6 +804,13 @@ static void test_meta__load_rejects(void **state)
 				assert_int_equal(
 					full_pwrite(fd, slot, sizeof(slot), (uint64_t)s * META_SLOT_SIZE), 0);
 			}
+			break;
+		case FLAGS_NEWEST:
+			encode_base(slot);
+			put_le(slot + OFF_GENERATION, 1, 8);
+			put_le(slot + OFF_FLAGS, rows[i].arg, 4);
+			reseal(slot);
+			assert_int_equal(full_pwrite(fd, slot, sizeof(slot), META_SLOT_SIZE), 0);
 			break;
 		case PADDING: {
 			const uint8_t bytes[2] = {base_bitmap[0], base_bitmap[1] | 0x08};
