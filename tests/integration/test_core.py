@@ -791,33 +791,34 @@ def corrupt_magic(path):
             f.write(b"XXXXXXXX")
 
 
-def set_version(path, version):
+def patch_headers(path, patch):
+    """Calls patch(buf, offset) on every header slot of NAME.meta, then
+    reseals each slot's checksum."""
     with open(path, "r+b") as f:
         buf = bytearray(f.read())
         for o in header_slots(buf):
             hdr_len = int.from_bytes(buf[o + 12:o + 16], "little")
-            buf[o + 8:o + 12] = version.to_bytes(4, "little")
+            patch(buf, o)
             buf[o + 56:o + 60] = bytes(4)
             crc = crc32c(bytes(buf[o:o + hdr_len]))
             buf[o + 56:o + 60] = crc.to_bytes(4, "little")
         f.seek(0)
         f.write(buf)
+
+
+def set_version(path, version):
+    def patch(buf, o):
+        buf[o + 8:o + 12] = version.to_bytes(4, "little")
+    patch_headers(path, patch)
 
 
 def set_flag(path, flag):
-    """Sets a flag bit in every header slot, resealed: a newer streamfs's
-    header, to this build."""
-    with open(path, "r+b") as f:
-        buf = bytearray(f.read())
-        for o in header_slots(buf):
-            hdr_len = int.from_bytes(buf[o + 12:o + 16], "little")
-            flags = int.from_bytes(buf[o + 36:o + 40], "little") | flag
-            buf[o + 36:o + 40] = flags.to_bytes(4, "little")
-            buf[o + 56:o + 60] = bytes(4)
-            crc = crc32c(bytes(buf[o:o + hdr_len]))
-            buf[o + 56:o + 60] = crc.to_bytes(4, "little")
-        f.seek(0)
-        f.write(buf)
+    """A flag bit in every header slot: a newer streamfs's header, to this
+    build."""
+    def patch(buf, o):
+        flags = int.from_bytes(buf[o + 36:o + 40], "little") | flag
+        buf[o + 36:o + 40] = flags.to_bytes(4, "little")
+    patch_headers(path, patch)
 
 
 def test_corrupt_metadata_disk_not_served():

@@ -48,6 +48,14 @@ def make_manifest(path, chunk="256K"):
     return out
 
 
+def add_with_manifest(img, name, ng, tname):
+    """streamfsctl add NAME with the template and its manifest from ng."""
+    rc, out, err = h.ctl("add", img, name, ng.url(tname), "--manifest",
+                         ng.url(tname + ".manifest"))
+    if rc != 0:
+        fail(f"add --manifest failed: {err}")
+
+
 def read_all(path):
     with open(path, "rb") as f:
         return f.read()
@@ -63,10 +71,7 @@ def test_zero_chunks_are_holes_and_never_fetched():
         fail(f"manifest does not mark the {layout.count('z')} zero chunks: {lines[:6]}")
     with h.Nginx(ws()) as ng:
         img = ws().mkdir("images", unique=True)
-        rc, out, err = h.ctl("add", img, "hz", ng.url("holes.img"), "--manifest",
-                             ng.url("holes.img.manifest"))
-        if rc != 0:
-            fail(f"add --manifest failed: {err}")
+        add_with_manifest(img, "hz", ng, "holes.img")
         ng.mark()
         with h.Mount(ws(), img, opts=("stream=manual", "readahead=0")) as m:
             disk = m.path("hz")
@@ -205,10 +210,7 @@ def test_verify_leaves_out_written_chunks():
     make_manifest(tpath)
     with h.Nginx(ws()) as ng:
         img = ws().mkdir("images", unique=True)
-        rc, out, err = h.ctl("add", img, "wr", ng.url("wr.img"), "--manifest",
-                             ng.url("wr.img.manifest"))
-        if rc != 0:
-            fail(f"add --manifest failed: {err}")
+        add_with_manifest(img, "wr", ng, "wr.img")
         meta = os.path.join(img, "wr.meta")
         flags, _, _ = meta_header(open(meta, "rb").read())
         if not flags & META_FLAG_WRITTEN:
