@@ -267,10 +267,11 @@ void cache_disk_map(struct cache_disk *d, char *out, unsigned cells);
  * Re-hashes every present chunk that the manifest describes and compares,
  * but for those changed through the mount (their count goes to
  * *ret_written; a disk added by a streamfs without the written-bitmap
- * knows only those written since).  Returns the number of mismatching chunks (>= 0) and
- * writes up to nout of their offsets to out, -ENOENT when the disk has no
- * manifest, or another -errno.  Reads the whole local image: slow, call
- * from a thread that may block.
+ * knows only those written since).  Returns the number of mismatching
+ * chunks (>= 0) and writes up to nout of their offsets to out, -ENOENT
+ * when the disk has no manifest, or another -errno; *ret_checked counts
+ * the chunks compared.  Reads the whole local image: slow, call from a
+ * thread that may block.
  */
 int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout,
 			  uint64_t *ret_checked, uint64_t *ret_written)
