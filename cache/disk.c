@@ -303,6 +303,22 @@ static int open_direct(int dirfd, const char *img, const struct stat *st)
 }
 
 /*
+ * Sets or clears a header flag and saves the header; after a failure the
+ * flag is as it was.  Called with commit_lock held, or before the disk is
+ * shared.
+ */
+static int store_flag(struct cache_disk *d, uint32_t flag, bool set)
+{
+	uint32_t was = d->meta.flags;
+
+	d->meta.flags = set ? was | flag : was & ~flag;
+	int r = meta_store_header(d->meta_fd, &d->meta);
+	if (r < 0)
+		d->meta.flags = was;
+	return r;
+}
+
+/*
  * Disks added before written chunks were tracked get a written-bitmap,
  * all clear (what was written before is not known), appended and synced
  * before the header says it is there.  Best effort: without it the disk
@@ -310,22 +326,16 @@ static int open_direct(int dirfd, const char *img, const struct stat *st)
  */
 static void add_written_bitmap(struct cache_disk *d)
 {
-	static const uint8_t zeros[65536];
-	uint64_t off = meta_file_size(&d->meta);
-	int r = 0;
+	/* The bitmap's bytes follow the present-bitmap, and may hold an older
+	 * streamfs's leftovers (see streamfs(1)). */
+	uint64_t bytes = bitmap_bytes(d->nchunks);
+	int r = full_pwrite_zeros(d->meta_fd, bytes, META_BITMAP_OFFSET + bytes);
 
-	d->meta.flags |= META_FLAG_WRITTEN;
-	for (uint64_t end = meta_file_size(&d->meta); r >= 0 && off < end;) {
-		size_t n = (size_t)MIN(end - off, (uint64_t)sizeof(zeros));
-		r = full_pwrite(d->meta_fd, zeros, n, off);
-		off += n;
-	}
 	if (r >= 0 && fdatasync(d->meta_fd) < 0)
 		r = -errno;
 	if (r >= 0)
-		r = meta_store_header(d->meta_fd, &d->meta);
+		r = store_flag(d, META_FLAG_WRITTEN, true);
 	if (r < 0) {
-		d->meta.flags &= ~META_FLAG_WRITTEN;
 		log_warn("disk %s: cannot add the record of written chunks to its metadata: %s; "
 			 "verify counts written chunks as differing", d->name, strerror(-r));
 	}
@@ -746,10 +756,8 @@ static void record_stale(struct cache_disk *d)
 	/* Nothing is saved after a failed sync (cache_disk_sync). */
 	if (atomic_load(&d->sync_error) || (d->meta.flags & META_FLAG_STALE))
 		return;
-	d->meta.flags |= META_FLAG_STALE;
-	int r = meta_store_header(d->meta_fd, &d->meta);
+	int r = store_flag(d, META_FLAG_STALE, true);
 	if (r < 0) {
-		d->meta.flags &= ~META_FLAG_STALE;
 		log_warn("disk %s: cannot record the template change in its metadata: %s; "
 			 "after a remount it shows only when a fetch meets it again",
 			 d->name, strerror(-r));
@@ -777,14 +785,9 @@ int cache_disk_recheck(struct cache_disk *d, char *why, size_t why_size)
 		return r;
 	}
 	LOCK_GUARD(&d->commit_lock);
-	if (d->meta.flags & META_FLAG_STALE) {
-		d->meta.flags &= ~META_FLAG_STALE;
-		r = meta_store_header(d->meta_fd, &d->meta);
-		if (r < 0) {
-			d->meta.flags |= META_FLAG_STALE;
-			snprintf(why, why_size, "cannot save its metadata: %s", strerror(-r));
-			return r;
-		}
+	if ((d->meta.flags & META_FLAG_STALE) && (r = store_flag(d, META_FLAG_STALE, false)) < 0) {
+		snprintf(why, why_size, "cannot save its metadata: %s", strerror(-r));
+		return r;
 	}
 	LOCK_GUARD(&d->lock);
 	if (d->stale) {
@@ -1817,11 +1820,11 @@ int cache_disk_sync(struct cache_disk *d)
 	pthread_mutex_unlock(&d->lock);
 
 	/* Data first: every present bit in the copy was set after its
-	 * chunk's write returned, so this fdatasync makes all of them true
-	 * on disk (written bits are set before, which only spares verify a
-	 * comparison).  It
-	 * runs even when no write was counted: cheap on a clean file, and an
-	 * fsync(2) must never depend on bookkeeping to be honoured. */
+	 * chunk's write returned, so this fdatasync makes all of them true on
+	 * disk (written bits are set before, which only spares verify a
+	 * comparison).  It runs even when no write was counted: cheap on a
+	 * clean file, and an fsync(2) must never depend on bookkeeping to be
+	 * honoured. */
 	if (fdatasync(d->img_fd) < 0) {
 		r = -errno;
 		sync_failed(d, r);
@@ -1844,11 +1847,8 @@ int cache_disk_sync(struct cache_disk *d)
 		return r;
 	}
 	if (all_present && !(d->meta.flags & META_FLAG_COMPLETE)) {
-		d->meta.flags |= META_FLAG_COMPLETE;
-		r = meta_store_header(d->meta_fd, &d->meta);
-		if (r < 0)
-			d->meta.flags &= ~META_FLAG_COMPLETE;
-		else
+		r = store_flag(d, META_FLAG_COMPLETE, true);
+		if (r >= 0)
 			log_notice("disk %s is complete: it needs its template no more", d->name);
 	}
 	return r;

@@ -168,8 +168,6 @@ int64_t cache_disk_verify(struct cache_disk *d, uint64_t *out, size_t nout, uint
 				written++;
 				continue;
 			}
-		}
-		if (r == -EILSEQ) {
 			if ((size_t)bad < nout)
 				out[bad] = i << d->chunk_shift;
 			bad++;

@@ -42,15 +42,7 @@ static int apply_zero(struct cache_disk *d, const void *arg, uint64_t off, size_
 		return 0;
 	if (errno != EOPNOTSUPP && errno != ENOSYS)
 		return -errno;
-	static const char zeros[65536];
-	for (size_t done = 0; done < len;) {
-		size_t n = MIN(len - done, sizeof(zeros));
-		int r = full_pwrite(d->img_fd, zeros, n, off + done);
-		if (r < 0)
-			return r;
-		done += n;
-	}
-	return 0;
+	return full_pwrite_zeros(d->img_fd, len, off);
 }
 
 /*

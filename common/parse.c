@@ -292,6 +292,18 @@ int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+int full_pwrite_zeros(int fd, uint64_t len, uint64_t off)
+{
+	static const char zeros[65536];
+	int r = 0;
+
+	for (uint64_t done = 0; r >= 0 && done < len; done += sizeof(zeros)) {
+		uint64_t n = len - done < sizeof(zeros) ? len - done : sizeof(zeros);
+		r = full_pwrite(fd, zeros, (size_t)n, off + done);
+	}
+	return r;
+}
+
 bool buf_is_zero(const void *p, size_t len)
 {
 	const unsigned char *b = p;

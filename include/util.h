@@ -93,6 +93,9 @@ int full_pread(int fd, void *buf, size_t len, uint64_t off) __attribute__((warn_
 int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
 	__attribute__((warn_unused_result));
 
+/* Writes len zero bytes at off, as full_pwrite.  Returns 0 or -errno. */
+int full_pwrite_zeros(int fd, uint64_t len, uint64_t off) __attribute__((warn_unused_result));
+
 /* Returns true when len bytes at p are all zero. */
 bool buf_is_zero(const void *p, size_t len);
 

@@ -736,6 +736,28 @@ static void test_parse__full_io_retries(void **state)
 	assert_int_equal(bad, 0);
 }
 
+/* Zeros between bytes left alone, and past the end of the file across
+ * more than one 64 KiB piece. */
+static void test_parse__full_pwrite_zeros(void **state)
+{
+	enum { FAR = FILE_LEN + 10, FAR_LEN = 3 * 65536 + 17 };
+	static unsigned char got[FAR + FAR_LEN], want[FAR + FAR_LEN];
+	static const struct {
+		uint64_t off, len;
+	} rows[] = {{0, 0}, {5, 1}, {100, 4096}, {FILE_LEN - 7, 7}, {FAR, FAR_LEN}};
+	int fd = *(int *)*state;
+
+	fill_pattern(want, FILE_LEN, 0); /* and zeros after: the gap is a hole */
+	for (size_t i = 0; i < N_ELEMENTS(rows); i++) {
+		assert_int_equal(full_pwrite_zeros(fd, rows[i].len, rows[i].off), 0);
+		memset(want + rows[i].off, 0, rows[i].len);
+	}
+	assert_int_equal(lseek(fd, 0, SEEK_END), FAR + FAR_LEN);
+	assert_int_equal(full_pread(fd, got, sizeof(got), 0), 0);
+	assert_memory_equal(got, want, sizeof(got));
+	assert_int_equal(full_pwrite_zeros(-1, 1, 0), -EBADF);
+}
+
 static void test_parse__full_io_bad_fd(void **state)
 {
 	char path[] = "/tmp/streamfs-test-parse-XXXXXX";
@@ -781,6 +803,8 @@ int main(void)
 		cmocka_unit_test(test_parse__format_bytes_small_buffer),
 		cmocka_unit_test_setup_teardown(test_parse__full_pread, setup_file, teardown_file),
 		cmocka_unit_test_setup_teardown(test_parse__full_pwrite, setup_file, teardown_file),
+		cmocka_unit_test_setup_teardown(test_parse__full_pwrite_zeros, setup_file,
+						teardown_file),
 		cmocka_unit_test_setup_teardown(test_parse__full_io_retries, setup_file,
 						teardown_file),
 		cmocka_unit_test(test_parse__full_io_bad_fd),
